@@ -1,0 +1,4 @@
+from dlbase.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The dlbase command line (Typer): parse, load the config, call one function per command. No logic."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from dlbase.errors import DlbaseError
+
+app = typer.Typer(
+    help="Train MLPs on MNIST from a YAML file of hyperparameters, on the GPU when there is one.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Show or check a config without training.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+CONFIG_HELP = "YAML config file, e.g. configs/mnist_mlp.yaml."
+SET_HELP = ("Override one key: --set optim.lr=0.01 --set model.hidden=[256,256]. Dotted key, value parsed as "
+            "YAML; repeat for more. Checked like the file.")
+
+
+def user_errors(fn):
+    """Turn a mistake of the user's (DlbaseError) into one line on stderr and exit status 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DlbaseError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+    return wrapper
+
+
+@app.command()
+@user_errors
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " Optional with --resume "
+                                          "(then the checkpoint's own config is used).", show_default=False),
+    set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP, show_default=False),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run a checkpoint (usually "
+                                          "<run>/last.ckpt) came from, in its folder.", show_default=False),
+) -> None:
+    """Train a model; writes config.yaml, metrics.csv, last.ckpt and best.ckpt into <checkpoint.dir>/<name>/."""
+    from dlbase import checkpoint, train as training
+    from dlbase.config import config_from_dict, load_config
+
+    payload = None
+    if resume is not None:
+        payload = checkpoint.load(resume)
+        cfg = (load_config(config, set_) if config is not None
+               else config_from_dict(payload["config"], f"{resume} (its stored config)", set_))
+    elif config is None:
+        raise DlbaseError("train: --config PATH is required (or --resume CKPT); see dlbase train --help")
+    else:
+        cfg = load_config(config, set_)
+    training.train(cfg, resume=resume, resume_payload=payload)
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    ckpt: Path = typer.Argument(..., help="A .ckpt file written by dlbase train.", show_default=False),
+    split: str = typer.Option("test", "--split", help="Which split to evaluate: test, val or train (val and "
+                              "train are rebuilt from the run's seed and data settings)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder with the IDX files, instead of "
+                                             "the checkpoint's data.root.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+) -> None:
+    """Report accuracy and mean loss of a checkpoint on a split; needs nothing but the checkpoint and the data."""
+    import dataclasses
+
+    from dlbase.data import load_dataset
+    from dlbase.evaluate import evaluate
+    from dlbase.train import load_for_eval, resolve_device
+
+    if split not in ("test", "val", "train"):
+        raise DlbaseError(f"--split: {split!r} is not one of test, val, train")
+    device = resolve_device("auto")
+    cfg, model, payload = load_for_eval(ckpt, device)
+    data_cfg = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=str(data_root))
+    data = load_dataset(data_cfg, cfg.seed, device)
+    if tuple(payload["input_shape"]) != data.input_shape:
+        raise DlbaseError(f"{ckpt}: trained on {tuple(payload['input_shape'])} images; the data at "
+                          f"{data.folder} has {data.input_shape}")
+    result = evaluate(model, data.split(split))
+    if as_json:
+        typer.echo(json.dumps({"checkpoint": str(ckpt), "split": split, "n": result["n"],
+                               "accuracy": result["accuracy"], "loss": result["loss"],
+                               "epoch": int(payload["epoch"]), "dataset": cfg.data.dataset}))
+    else:
+        typer.echo(f"{ckpt}: {split} accuracy {100 * result['accuracy']:.2f}%  loss {result['loss']:.4f}  "
+                   f"(n={result['n']}, epoch {payload['epoch']}, {cfg.data.dataset})")
+
+
+@config_app.command("show")
+@user_errors
+def config_show(
+    config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP, show_default=False),
+    set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP, show_default=False),
+) -> None:
+    """Print the fully resolved config as YAML, every default filled in."""
+    from dlbase.config import load_config, to_yaml
+
+    typer.echo(to_yaml(load_config(config, set_)), nl=False)
+
+
+@config_app.command("validate")
+@user_errors
+def config_validate(
+    config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP, show_default=False),
+    set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP, show_default=False),
+) -> None:
+    """Check a config (and overrides) without running anything; exit 0 when valid, 2 with the reason when not."""
+    from dlbase.config import load_config
+
+    load_config(config, set_)
+    typer.echo(f"{config}: valid")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

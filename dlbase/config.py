@@ -1,0 +1,426 @@
+"""Typed, frozen run configuration and load_config(): the only place YAML is read."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import reprlib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from dlbase.errors import ConfigError
+
+# Largest config file we read at all: a run config is a few hundred bytes.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _f(default: Any, help: str, *, choices: tuple = (), ge: float | None = None,
+       gt: float | None = None, le: float | None = None, aliases: tuple = (),
+       pattern: str | None = None, item_ge: float | None = None,
+       item_le: float | None = None, max_len: int | None = None, allowed: str = "") -> Any:
+    """A config field: default, one-line help (with units) and the checks load_config applies."""
+    meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, aliases=aliases, allowed=allowed,
+                pattern=pattern, item_ge=item_ge, item_le=item_le, max_len=max_len)
+    return field(default=default, metadata=meta)
+
+
+def _section(cls: type) -> Any:
+    return field(default_factory=cls, metadata=dict(help=(cls.__doc__ or "").strip()))
+
+
+DATASETS = ("mnist", "fashion_mnist")
+ACTIVATIONS = ("relu",)
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the IDX files are and how the training set is split."""
+    dataset: str = _f("mnist", "which dataset: files in the MNIST IDX format", choices=DATASETS)
+    root: Optional[str] = _f(None, "dir with the IDX files; null: $DLBASE_DATA, then ./data, then the user cache dir",
+                             aliases=("path", "dir", "data_dir"))
+    download: bool = _f(True, "not found locally: fetch through torchvision's mirrors; false: never use the network")
+    verify: bool = _f(True, "files named and sized as the originals must match the published md5s",
+                      aliases=("check", "md5", "verify_md5"))
+    val_size: int = _f(5000, "samples held out of the training set (seeded) for validation; 0 = none",
+                       ge=0, le=10**9, aliases=("val", "validation_size", "val_split"))
+    subset: Optional[int] = _f(None, "use only the first N training samples (quick experiments); null = all",
+                               ge=1, le=10**9, aliases=("limit", "n_train"))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The MLP: 784 inputs, the hidden layers, 10 outputs."""
+    hidden: tuple = _f((512, 512), "hidden layer widths (units), input to output; [] = linear model",
+                       item_ge=1, item_le=1 << 16, max_len=64,
+                       aliases=("hidden_size", "hidden_sizes", "layers", "width", "units"))
+    activation: str = _f("relu", "nonlinearity after each hidden layer", choices=ACTIVATIONS,
+                         aliases=("act", "nonlinearity"))
+    dropout: float = _f(0.0, "dropout probability after each hidden activation", ge=0.0, le=0.99)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimiser and its parameters."""
+    name: str = _f("adam", "optimiser", choices=OPTIMIZERS, aliases=("optimizer", "type"))
+    lr: float = _f(0.001, "learning rate", gt=0.0, le=1e6, aliases=("learning_rate", "lr_rate", "eta"))
+    weight_decay: float = _f(0.0, "L2 regularisation coefficient", ge=0.0, le=1e6,
+                             aliases=("wd", "l2", "decay"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop."""
+    epochs: int = _f(10, "passes over the training set", ge=1, le=10**6,
+                     aliases=("num_epochs", "n_epochs", "max_epochs", "epoch"))
+    batch_size: int = _f(128, "samples per optimiser step", ge=1, le=1 << 24,
+                         aliases=("batch", "bs", "batchsize"))
+    log_every: int = _f(50, "steps between progress-bar loss updates (each one is a host sync)",
+                        ge=1, le=10**9)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where run folders and .ckpt files go."""
+    dir: str = _f("checkpoints", "parent folder of run folders: files go to <dir>/<name>/",
+                  aliases=("path", "root", "directory"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run."""
+    name: str = _f("mnist_mlp", "run name: files go to <checkpoint.dir>/<name>/",
+                   pattern=r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", aliases=("run", "run_name", "experiment"),
+                   allowed="up to 128 letters, digits, '.', '_' or '-', starting with a letter or digit "
+                           "(it names a folder)")
+    seed: int = _f(0, "seed for initialisation, the validation split and the data order",
+                   ge=0, le=2**63 - 1)
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N", pattern=r"auto|cpu|cuda|cuda:\d{1,3}",
+                     allowed="auto, cpu, cuda or cuda:N")
+    data: DataConfig = _section(DataConfig)
+    model: ModelConfig = _section(ModelConfig)
+    optim: OptimConfig = _section(OptimConfig)
+    train: TrainConfig = _section(TrainConfig)
+    checkpoint: CheckpointConfig = _section(CheckpointConfig)
+
+
+# ----------------------------------------------------------------------------- reading
+
+_short = reprlib.Repr()
+_short.maxstring = 60
+_short.maxother = 60
+_short.maxlist = 6
+_short.maxdict = 4
+_short.maxlevel = 2
+
+
+def _show(value: Any) -> str:
+    return _short.repr(value)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses YAML aliases: a config never needs them, and they make billion-laughs bombs."""
+
+    def compose_node(self, parent, index):  # noqa: D401 - PyYAML hook
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(None, None, "YAML aliases (*name) are not allowed in a config",
+                                       event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _no_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, typing.Hashable):
+            raise yaml.MarkedYAMLError(None, None, "a mapping key must be a plain value", key_node.start_mark)
+        if key in seen:
+            raise yaml.MarkedYAMLError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen[key] = True
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text safely; errors name the source and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        what = " ".join(str(p) for p in (e.context, e.problem) if p) or "malformed YAML"
+        raise ConfigError(f"{where}: malformed YAML: {what}") from None
+    except (yaml.YAMLError, RecursionError, ValueError, OverflowError) as e:
+        raise ConfigError(f"{source}: malformed YAML: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def read_config_file(path: str | os.PathLike) -> Any:
+    """Read a YAML file into plain Python values; every failure is a ConfigError naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: config file not found")
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory, expected a YAML config file")
+    try:
+        with open(p, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: config file is over {MAX_CONFIG_BYTES} bytes; a run config is a few hundred")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+    return parse_yaml(text, str(p))
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def _type_name(tp: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _all_paths(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every dotted key of a config class -> its field (sections included)."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, dataclasses.Field] = {}
+    for f in dataclasses.fields(cls):
+        out[prefix + f.name] = f
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(_all_paths(hints[f.name], prefix + f.name + "."))
+    return out
+
+
+def _suggest(key: str, prefix: str, cls: type) -> str:
+    """A close match for an unknown key: a sibling (or alias of one), else the same name in another section."""
+    candidates: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        for alias in (f.name, *f.metadata.get("aliases", ())):
+            candidates[alias] = prefix + f.name
+    lowered = str(key).lower()
+    if lowered in candidates:
+        return candidates[lowered]
+    match = difflib.get_close_matches(lowered, list(candidates), n=1, cutoff=0.6)
+    if match:
+        return candidates[match[0]]
+    elsewhere = [p for p, f in _all_paths(Config).items()
+                 if p.rsplit(".", 1)[-1] == lowered or lowered in f.metadata.get("aliases", ())]
+    return elsewhere[0] if elsewhere else ""
+
+
+class _Checker:
+    def __init__(self, source: str, overridden: dict[str, str]):
+        self.source = source
+        self.overridden = overridden  # dotted key -> the --set text that gave its value
+
+    def fail(self, key: str, msg: str) -> ConfigError:
+        origin = f"--set {self.overridden[key]}" if key in self.overridden else self.source
+        return ConfigError(f"{origin}: {key}: {msg}")
+
+    def section(self, cls: type, raw: Any, prefix: str) -> Any:
+        key = prefix.rstrip(".") or "(top level)"
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise self.fail(key, f"expected a mapping of keys, got {_show(raw)}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        for k in raw:
+            if k not in names:
+                hint = _suggest(k, prefix, cls)
+                msg = "unknown key" + (f"; did you mean {hint}?" if hint else
+                                       f"; allowed keys: {', '.join(sorted(names))}")
+                raise self.fail(prefix + str(k), msg)
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in raw:
+                continue
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                values[f.name] = self.section(tp, raw[f.name], prefix + f.name + ".")
+            else:
+                values[f.name] = self.value(prefix + f.name, f, tp, raw[f.name])
+        return cls(**values)
+
+    def value(self, key: str, f: dataclasses.Field, tp: Any, v: Any) -> Any:
+        m = f.metadata
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if v is None:
+                return None
+            tp = args[0]
+        elif v is None:
+            raise self.fail(key, f"must not be null; expected {_type_name(tp)}{self._allowed(m)}")
+        if tp is tuple:
+            return self.tuple_of_ints(key, m, v)
+        out = self.scalar(key, tp, v, m)
+        self.check_range(key, out, m)
+        if m["choices"] and out not in m["choices"]:
+            close = difflib.get_close_matches(str(out), m["choices"], n=1)
+            raise self.fail(key, f"{_show(v)} is not one of {', '.join(m['choices'])}"
+                            + (f"; did you mean {close[0]}?" if close else ""))
+        if m["pattern"] and not re.fullmatch(m["pattern"], out):
+            raise self.fail(key, f"{_show(v)} is not allowed; expected {m['allowed']}")
+        return out
+
+    def scalar(self, key: str, tp: type, v: Any, m: dict) -> Any:
+        if tp is bool:
+            if isinstance(v, bool):
+                return v
+        elif tp is int:
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+            if isinstance(v, float) and math.isfinite(v) and v.is_integer() and abs(v) < 2**63:
+                return int(v)
+        elif tp is float:
+            if isinstance(v, str):  # YAML 1.1 reads `1e-3` as a string; accept what Python reads as a number
+                try:
+                    v = float(v.strip())
+                except ValueError:
+                    pass
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                try:
+                    out = float(v)
+                except OverflowError:
+                    raise self.fail(key, f"{_show(v)} is too large{self._allowed(m)}") from None
+                if not math.isfinite(out):
+                    raise self.fail(key, f"{_show(v)} is not a finite number{self._allowed(m)}")
+                return out
+        elif tp is str:
+            if isinstance(v, str):
+                return v
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not m["choices"] and not m["pattern"]:
+                return str(v)
+        raise self.fail(key, f"{_show(v)} is not {_type_name(tp)}{self._allowed(m)}")
+
+    @staticmethod
+    def _allowed(m: dict) -> str:
+        if m.get("choices"):
+            return f" (one of {', '.join(m['choices'])})"
+        parts = []
+        if m.get("gt") is not None:
+            parts.append(f"> {m['gt']}")
+        if m.get("ge") is not None:
+            parts.append(f">= {m['ge']}")
+        if m.get("le") is not None:
+            parts.append(f"<= {m['le']:g}" if isinstance(m["le"], float) else f"<= {m['le']}")
+        return f" ({' and '.join(parts)})" if parts else ""
+
+    def check_range(self, key: str, v: Any, m: dict) -> None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return
+        if ((m["gt"] is not None and not v > m["gt"]) or (m["ge"] is not None and not v >= m["ge"])
+                or (m["le"] is not None and not v <= m["le"])):
+            raise self.fail(key, f"{_show(v)} is out of range; expected a value{self._allowed(m)}")
+
+    def tuple_of_ints(self, key: str, m: dict, v: Any) -> tuple:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = [v]  # `hidden: 256` means one layer of 256
+        if not isinstance(v, (list, tuple)):
+            raise self.fail(key, f"{_show(v)} is not a list of integers, e.g. [512, 512]")
+        if m["max_len"] is not None and len(v) > m["max_len"]:
+            raise self.fail(key, f"{len(v)} entries; at most {m['max_len']} allowed")
+        out = []
+        for i, item in enumerate(v):
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise self.fail(key, f"entry {i} ({_show(item)}) is not an integer; expected a list like [512, 512]")
+            if ((m["item_ge"] is not None and item < m["item_ge"])
+                    or (m["item_le"] is not None and item > m["item_le"])):
+                raise self.fail(key, f"entry {i} ({item}) is out of range; each must be between "
+                                     f"{m['item_ge']} and {m['item_le']}")
+            out.append(item)
+        return tuple(out)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _apply_override(raw: dict, text: str, overridden: dict[str, str]) -> None:
+    """Apply one `--set a.b=value` (value parsed as a YAML scalar or list) to the raw mapping."""
+    key, sep, value_text = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE with a dotted key, e.g. --set optim.lr=0.01")
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"--set {text}: {key!r} is not a dotted key like optim.lr")
+    value = parse_yaml(value_text, f"--set {text}") if value_text.strip() else None
+    cls: Any = Config
+    for depth, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        here = ".".join(parts[:depth + 1])
+        if part not in names:
+            hint = _suggest(part, ".".join(parts[:depth]) + "." if depth else "", cls)
+            raise ConfigError(f"--set {text}: {here}: unknown key" + (f"; did you mean {hint}?" if hint else ""))
+        tp = typing.get_type_hints(cls)[part]
+        if depth < len(parts) - 1 and not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"--set {text}: {here} is not a section; it has no key {parts[depth + 1]!r}")
+        cls = tp
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {text}: {part}: the file gives it as {_show(child)}, not a section")
+        node = child
+    node[parts[-1]] = value
+    overridden[key] = text
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def config_from_dict(raw: Any, source: str = "<config>", overrides: typing.Sequence[str] = ()) -> Config:
+    """Validate plain values (from YAML, --set or a checkpoint) into a Config."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys (name:, data:, model:, ...), "
+                          f"got {_show(raw)}")
+    raw = _deep_copy(raw)
+    overridden: dict[str, str] = {}
+    for text in overrides:
+        _apply_override(raw, text, overridden)
+    return _Checker(source, overridden).section(Config, raw, "")
+
+
+def _deep_copy(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _deep_copy(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_deep_copy(x) for x in v]
+    return v
+
+
+def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read, override and validate a config file. path None: the defaults."""
+    raw = read_config_file(path) if path is not None else {}
+    return config_from_dict(raw, str(path) if path is not None else "<defaults>", overrides)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (lists, not tuples) of a config: what goes in YAML and checkpoints."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,249 @@
+"""The training loop. The hot step has no host syncs; eval, logging and checkpoints happen at epoch boundaries."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dlbase import checkpoint
+from dlbase.config import Config, config_from_dict, to_dict, to_yaml
+from dlbase.data import Batcher, Dataset, load_dataset, normalize
+from dlbase.errors import CheckpointError, ConfigError
+from dlbase.evaluate import evaluate
+from dlbase.model import MLP
+from dlbase.optim import build_optimizer
+
+METRICS_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_accuracy", "lr", "seconds")
+
+
+def seed_everything(seed: int) -> None:
+    """The one place global RNGs are seeded (weight init, dropout)."""
+    random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {spec!r} asked for, but CUDA is not available here; use auto or cpu")
+        index = int(spec.split(":")[1]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {spec!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(spec)
+
+
+def build_model(cfg: Config, input_shape: tuple[int, int], device: torch.device) -> MLP:
+    return MLP(cfg.model, in_features=input_shape[0] * input_shape[1]).to(device)
+
+
+# ----------------------------------------------------------------------------- run folder
+
+
+def _has_run(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("*.ckpt"))
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """<checkpoint.dir>/<name>/, or <name>-2, -3, ... when that folder already holds a run: never overwrite."""
+    base = Path(cfg.checkpoint.dir).expanduser() / cfg.name
+    folder, k = base, 1
+    while _has_run(folder):
+        k += 1
+        folder = base.with_name(f"{cfg.name}-{k}")
+    return folder
+
+
+def check_writable(folder: Path) -> None:
+    """Create folder and prove a file can be written there, before any training time is spent."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint.dir: cannot write to {folder}: {e.strerror or e}") from None
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=METRICS_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _read_metrics(path: Path, upto_epoch: int) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [r for r in csv.DictReader(fh) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= upto_epoch]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class RunResult:
+    folder: Path
+    epochs_done: int
+    best_metric: str
+    best_value: float
+    best_epoch: int
+    last_metrics: dict
+
+
+def _rng_state(batcher: Batcher, device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "batcher": batcher.generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(state: dict, batcher: Batcher, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    batcher.generator.set_state(state["batcher"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[dict] = None,
+          log: Callable[[str], None] = print) -> RunResult:
+    """Train cfg from scratch, or continue the run that resume_payload (loaded from `resume`) came from."""
+    device = resolve_device(cfg.device)
+    folder = resume.parent if resume is not None else new_run_dir(cfg)
+    check_writable(folder)
+    seed_everything(cfg.seed)
+    data: Dataset = load_dataset(cfg.data, cfg.seed, device)
+
+    model = build_model(cfg, data.input_shape, device)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    batcher = Batcher(len(data.train), cfg.train.batch_size, device, cfg.seed)
+    monitor, sign = ("val_accuracy", 1.0) if data.val is not None else ("train_loss", -1.0)
+    best = {"metric": monitor, "value": -math.inf * sign, "epoch": 0}
+    start_epoch, step = 0, 0
+    metrics_path = folder / "metrics.csv"
+    rows: list[dict] = []
+
+    if resume_payload is not None:
+        if tuple(resume_payload["input_shape"]) != data.input_shape:
+            raise CheckpointError(f"{resume}: trained on {tuple(resume_payload['input_shape'])} images, "
+                                  f"the data now is {data.input_shape}")
+        _load_model_state(model, resume_payload["model"], resume)
+        try:
+            optimizer.load_state_dict(resume_payload["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{resume}: optimizer state does not fit optim.name={cfg.optim.name} "
+                                  f"({e})") from None
+        _restore_rng(resume_payload["rng"], batcher, device)
+        start_epoch, step = int(resume_payload["epoch"]), int(resume_payload["step"])
+        best = dict(resume_payload["best"])
+        rows = _read_metrics(metrics_path, start_epoch)
+        log(f"resuming {folder} from epoch {start_epoch} (step {step})")
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    log(f"run folder: {folder}  (config.yaml, metrics.csv, last.ckpt, best.ckpt)")
+    log(f"data: {data.folder}  train {len(data.train)}, val {len(data.val) if data.val else 0}, "
+        f"test {len(data.test)} on {device}")
+    if start_epoch >= cfg.train.epochs:
+        log(f"nothing to do: the run already finished {start_epoch} of train.epochs={cfg.train.epochs}; "
+            f"raise train.epochs (--set train.epochs=N) to train on")
+        return RunResult(folder, start_epoch, best["metric"], best["value"], best["epoch"],
+                         rows[-1] if rows else {})
+
+    n_train = len(data.train)
+    show_bar = sys.stderr.isatty()  # a live bar only on a terminal; logs and CI get the epoch lines alone
+    for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=device)  # summed over samples; read once at the epoch's end
+        bar = tqdm(total=len(batcher), desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False,
+                   disable=not show_bar, unit="step")
+        for i, idx in enumerate(batcher.epoch()):
+            xb = normalize(data.train.x[idx])  # (B, 784) float in [0, 1]
+            yb = data.train.y[idx]  # (B,)
+            loss = F.cross_entropy(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * idx.shape[0]
+            step += 1
+            if show_bar:
+                bar.update(1)
+                if (i + 1) % cfg.train.log_every == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}")  # note: CPU-GPU sync, once per log interval
+        bar.close()
+
+        # ---- epoch boundary: the host syncs below are where they belong
+        train_loss = loss_sum.item() / n_train
+        val = evaluate(model, data.val) if data.val is not None else None
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch, "step": step, "train_loss": f"{train_loss:.6f}",
+               "val_loss": f"{val['loss']:.6f}" if val else "", "val_accuracy": f"{val['accuracy']:.6f}" if val else "",
+               "lr": f"{optimizer.param_groups[0]['lr']:.6g}", "seconds": f"{seconds:.3f}"}
+        rows.append(row)
+        value = val["accuracy"] if val else train_loss
+        improved = sign * value > sign * best["value"]
+        if improved:
+            best = {"metric": monitor, "value": value, "epoch": epoch}
+        payload = {
+            "format_version": checkpoint.FORMAT_VERSION,
+            "config": to_dict(cfg),
+            "input_shape": list(data.input_shape),
+            "model": checkpoint.strip_prefixes({k: v.detach().cpu() for k, v in model.state_dict().items()}),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "metrics": {"train_loss": train_loss, **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+                                                     if val else {})},
+            "best": best,
+            "rng": _rng_state(batcher, device),
+        }
+        checkpoint.save(folder / "last.ckpt", payload)
+        if improved:
+            checkpoint.save(folder / "best.ckpt", payload)
+        _write_metrics(metrics_path, rows)
+        val_text = f"  val_loss {val['loss']:.4f}  val_acc {100 * val['accuracy']:.2f}%" if val else ""
+        log(f"epoch {epoch}/{cfg.train.epochs}  train_loss {train_loss:.4f}{val_text}  {seconds:.1f}s"
+            f"{'  *best' if improved else ''}")
+
+    pct = f"{100 * best['value']:.2f}%" if monitor == "val_accuracy" else f"{best['value']:.4f}"
+    log(f"done: best {monitor} {pct} at epoch {best['epoch']} -> {folder / 'best.ckpt'}")
+    log(f"test it: dlbase eval {folder / 'best.ckpt'}")
+    return RunResult(folder, cfg.train.epochs, monitor, best["value"], best["epoch"], rows[-1])
+
+
+def _load_model_state(model: torch.nn.Module, state: dict, path: Optional[Path]) -> None:
+    try:
+        model.load_state_dict(checkpoint.strip_prefixes(state))
+    except RuntimeError as e:
+        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise CheckpointError(f"{path}: weights do not fit the model its config describes ({detail})") from None
+
+
+def config_of(payload: dict, path: Path) -> Config:
+    """The resolved config stored in a checkpoint, validated again (it may predate a rule)."""
+    return config_from_dict(payload["config"], f"{path} (its stored config)")
+
+
+def load_for_eval(path: Path, device: torch.device) -> tuple[Config, MLP, dict]:
+    """Rebuild the model a checkpoint describes, from the checkpoint alone."""
+    payload = checkpoint.load(path)
+    cfg = config_of(payload, path)
+    shape = payload["input_shape"]
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise CheckpointError(f"{path}: input_shape {shape!r} is not [height, width]")
+    model = build_model(cfg, tuple(shape), device)
+    _load_model_state(model, payload["model"], path)
+    return cfg, model, payload

@@ -1,0 +1,162 @@
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from dlbase.cli import app
+from dlbase.config import Config, load_config, to_yaml
+from dlbase.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def error_of(tmp_path, text, overrides=()):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text), overrides)
+    return str(e.value)
+
+
+def test_defaults_match_the_issue():
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert (cfg.name, cfg.seed, cfg.device) == ("mnist_mlp", 0, "auto")
+    assert cfg.model.hidden == (512, 512) and cfg.optim.name == "adam" and cfg.optim.lr == 0.001
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.data.val_size) == (10, 128, 5000)
+
+
+def test_every_shipped_config_is_valid():
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert configs
+    for p in configs:
+        load_config(p)
+
+
+def test_config_is_frozen():
+    with pytest.raises(Exception):
+        load_config(None).seed = 3
+
+
+def test_show_round_trips(tmp_path):
+    cfg = load_config(REPO / "configs" / "mnist_mlp.yaml", ["optim.lr=0.01", "model.hidden=[256, 128]"])
+    again = load_config(write(tmp_path, to_yaml(cfg)))
+    assert again == cfg and again.model.hidden == (256, 128) and again.optim.lr == 0.01
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    cfg = load_config(write(tmp_path, "optim: {lr: 0.1}"), ["optim.lr=1e-3", "data.subset=null", "data.download=false"])
+    assert cfg.optim.lr == 1e-3 and cfg.data.subset is None and cfg.data.download is False
+
+
+@pytest.mark.parametrize("text,key,words", [
+    ("optim:\n  lerning_rate: 0.1\n", "optim.lerning_rate", ["unknown key", "did you mean optim.lr?"]),
+    ("optim:\n  learning_rate: 0.1\n", "optim.learning_rate", ["did you mean optim.lr?"]),
+    ("train:\n  lr: 0.1\n", "train.lr", ["did you mean optim.lr?"]),
+    ("modle:\n  hidden: [3]\n", "modle", ["did you mean model?"]),
+    ("optim:\n  lr: fast\n", "optim.lr", ["'fast'", "a number"]),
+    ("optim:\n  lr: -0.1\n", "optim.lr", ["-0.1", "out of range", "> 0.0"]),
+    ("optim:\n  lr: .nan\n", "optim.lr", ["finite"]),
+    ("optim:\n  name: adm\n", "optim.name", ["'adm'", "sgd, adam", "did you mean adam?"]),
+    ("train:\n  epochs: 2.5\n", "train.epochs", ["2.5", "an integer"]),
+    ("train:\n  epochs: 0\n", "train.epochs", ["out of range", ">= 1"]),
+    ("train:\n  batch_size: true\n", "train.batch_size", ["True", "an integer"]),
+    ("model:\n  hidden: [512, x]\n", "model.hidden", ["entry 1", "not an integer"]),
+    ("model:\n  hidden: [0]\n", "model.hidden", ["entry 0", "out of range"]),
+    ("model: [1, 2]\n", "model", ["expected a mapping"]),
+    ("device: gpu2\n", "device", ["'gpu2'", "auto, cpu, cuda or cuda:N"]),
+    ("name: ../../etc\n", "name", ["'../../etc'", "letters, digits"]),
+    ("data:\n  download: yes please\n", "data.download", ["true or false"]),
+    ("data:\n  dataset: cifar10\n", "data.dataset", ["mnist, fashion_mnist"]),
+    ("seed: null\n", "seed", ["must not be null"]),
+])
+def test_bad_values_name_key_value_and_what_is_allowed(tmp_path, text, key, words):
+    msg = error_of(tmp_path, text)
+    assert msg.startswith(f"{tmp_path / 'c.yaml'}: {key}: "), msg
+    for w in words:
+        assert w in msg, (w, msg)
+    assert "\n" not in msg
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    msg = error_of(tmp_path, "name: a\nmodel:\n  hidden: [1,\n")
+    assert msg.startswith(f"{tmp_path / 'c.yaml'}:4:") and "malformed YAML" in msg
+
+
+def test_duplicate_keys_and_aliases_refused(tmp_path):
+    assert "duplicate key 'seed'" in error_of(tmp_path, "seed: 1\nseed: 2\n")
+    bomb = "a: &a [1, 1]\nb: &b [*a, *a]\nc: [*b, *b]\n"
+    assert "aliases" in error_of(tmp_path, bomb)
+
+
+def test_top_level_must_be_mapping(tmp_path):
+    assert "top level must be a mapping" in error_of(tmp_path, "- 1\n- 2\n")
+
+
+def test_empty_file_means_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+def test_files_that_are_not_configs(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(p)
+
+
+def test_numbers_written_loosely(tmp_path):
+    cfg = load_config(write(tmp_path, "optim: {lr: 1e-3, weight_decay: 0}\nmodel: {hidden: 64}\ntrain: {epochs: 3.0}\n"))
+    assert cfg.optim.lr == 0.001 and cfg.optim.weight_decay == 0.0 and cfg.model.hidden == (64,)
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    assert math.isclose(cfg.optim.lr, 1e-3)
+
+
+def test_override_errors_name_the_override(tmp_path):
+    p = write(tmp_path, "")
+    for text, words in (("optim.lr", "KEY=VALUE"), ("optim..lr=1", "dotted key"), ("optim.lr=[1", "malformed"),
+                        ("name.x=1", "not a section"), ("optim.lr=-1", "--set optim.lr=-1: optim.lr:")):
+        with pytest.raises(ConfigError) as e:
+            load_config(p, [text])
+        assert words in str(e.value) and str(e.value).startswith("--set "), str(e.value)
+
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("text,key", [
+    ("optim:\n  lerning_rate: 0.1\n", "optim.lerning_rate"),
+    ("train:\n  epochs: many\n", "train.epochs"),
+    ("optim:\n  name: lbfgs\n", "optim.name"),
+    ("model:\n  hidden: [1,\n", "c.yaml:3:"),
+])
+def test_cli_exit_2_one_line(tmp_path, text, key):
+    p = write(tmp_path, text)
+    for cmd in (["config", "validate", "--config", str(p)], ["config", "show", "--config", str(p)],
+                ["train", "--config", str(p)]):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 2, (cmd, r.output)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and key in lines[0] and "Traceback" not in r.output, r.stderr
+
+
+def test_cli_show_prints_resolved_yaml(tmp_path):
+    r = runner.invoke(app, ["config", "show", "--config", str(write(tmp_path, "seed: 7\n")), "--set", "optim.lr=0.5"])
+    assert r.exit_code == 0
+    shown = yaml.safe_load(r.stdout)
+    assert shown["seed"] == 7 and shown["optim"]["lr"] == 0.5 and shown["model"]["hidden"] == [512, 512]
+    assert shown["data"]["val_size"] == 5000
+
+
+def test_cli_validate_ok(tmp_path):
+    r = runner.invoke(app, ["config", "validate", "--config", str(REPO / "configs" / "mnist_mlp.yaml")])
+    assert r.exit_code == 0 and "valid" in r.stdout
