@@ -75,18 +75,20 @@ def eval_(
 
     from dlbase.data import load_dataset
     from dlbase.evaluate import evaluate
+    from dlbase.loss import build_eval_loss
     from dlbase.train import load_for_eval, resolve_device
 
     if split not in ("test", "val", "train"):
         raise DlbaseError(f"--split: {split!r} is not one of test, val, train")
     device = resolve_device("auto")
     cfg, model, payload = load_for_eval(ckpt, device)
-    data_cfg = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=str(data_root))
+    # --data-root points at files that are there: never download into it
+    data_cfg = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=str(data_root), download=False)
     data = load_dataset(data_cfg, cfg.seed, device)
     if tuple(payload["input_shape"]) != data.input_shape:
         raise DlbaseError(f"{ckpt}: trained on {tuple(payload['input_shape'])} images; the data at "
                           f"{data.folder} has {data.input_shape}")
-    result = evaluate(model, data.split(split))
+    result = evaluate(model, data.split(split), build_eval_loss(cfg.train.loss, cfg.model.output))
     if as_json:
         typer.echo(json.dumps({"checkpoint": str(ckpt), "split": split, "n": result["n"],
                                "accuracy": result["accuracy"], "loss": result["loss"],

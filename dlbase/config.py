@@ -24,10 +24,13 @@ MAX_CONFIG_BYTES = 1 << 20
 def _f(default: Any, help: str, *, choices: tuple = (), ge: float | None = None,
        gt: float | None = None, le: float | None = None, aliases: tuple = (),
        pattern: str | None = None, item_ge: float | None = None,
-       item_le: float | None = None, max_len: int | None = None, allowed: str = "") -> Any:
+       item_le: float | None = None, max_len: int | None = None, allowed: str = "",
+       item_type: type = int, length: int | None = None, item_lt: float | None = None,
+       lt: float | None = None) -> Any:
     """A config field: default, one-line help (with units) and the checks load_config applies."""
-    meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, aliases=aliases, allowed=allowed,
-                pattern=pattern, item_ge=item_ge, item_le=item_le, max_len=max_len)
+    meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt, aliases=aliases, allowed=allowed,
+                pattern=pattern, item_ge=item_ge, item_le=item_le, max_len=max_len, item_type=item_type,
+                length=length, item_lt=item_lt)
     return field(default=default, metadata=meta)
 
 
@@ -36,8 +39,17 @@ def _section(cls: type) -> Any:
 
 
 DATASETS = ("mnist", "fashion_mnist")
-ACTIVATIONS = ("relu",)
-OPTIMIZERS = ("sgd", "adam")
+ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "gelu", "silu")
+INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
+NORMS = ("none", "batch", "layer")
+OUTPUTS = ("softmax", "sigmoid")
+ENCODINGS = ("none", "fourier", "gaussian", "learned")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw")
+OPTIM_IMPLS = ("auto", "fused", "foreach", "for_loop")
+FUSED_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "adam", "adamw")  # torch has fused kernels for these
+SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine", "onecycle")
+LOSSES = ("cross_entropy", "mse")
+METRICS = ("val_accuracy", "val_loss", "train_loss")
 
 
 @dataclass(frozen=True)
@@ -56,23 +68,83 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class EncodingConfig:
+    """How each input value p (the pixel, scaled to [0, 1]) is encoded before the first layer."""
+    name: str = _f("none", "none | fourier (NeRF's gamma(p)) | gaussian (random Fourier features) | learned "
+                           "(trainable frequencies and phases)", choices=ENCODINGS, aliases=("type", "kind"))
+    num_freqs: int = _f(6, "L: frequencies per input value (fourier, learned: 2^0..2^(L-1) pi; gaussian: L random)",
+                        ge=1, le=16, aliases=("L", "frequencies", "n_freqs", "num_frequencies", "levels"))
+    include_input: bool = _f(True, "keep p itself beside its encoding", aliases=("include", "keep_input"))
+    sigma: float = _f(1.0, "gaussian: standard deviation of the random frequencies (cycles per unit of p)",
+                      gt=0.0, le=1e4, aliases=("scale", "std"))
+    seed: int = _f(0, "gaussian: seed of the fixed frequency matrix", ge=0, le=2**63 - 1)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """The MLP: 784 inputs, the hidden layers, 10 outputs."""
+    """The MLP: encoded inputs, the hidden layers, 10 outputs."""
     hidden: tuple = _f((512, 512), "hidden layer widths (units), input to output; [] = linear model",
                        item_ge=1, item_le=1 << 16, max_len=64,
                        aliases=("hidden_size", "hidden_sizes", "layers", "width", "units"))
     activation: str = _f("relu", "nonlinearity after each hidden layer", choices=ACTIVATIONS,
                          aliases=("act", "nonlinearity"))
     dropout: float = _f(0.0, "dropout probability after each hidden activation", ge=0.0, le=0.99)
+    init: str = _f("default", "weight initialisation of every linear layer (biases start at 0 unless default)",
+                   choices=INITS, aliases=("initialization", "initialisation", "weight_init"))
+    norm: str = _f("none", "normalisation of each hidden layer before its activation", choices=NORMS,
+                   aliases=("batch_norm", "layer_norm", "normalization", "normalisation", "batchnorm"))
+    output: str = _f("softmax", "output units: softmax (with cross_entropy or mse) or sigmoid (mse only)",
+                     choices=OUTPUTS, aliases=("output_activation", "out"))
+    encoding: EncodingConfig = _section(EncodingConfig)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """The optimiser and its parameters."""
+    """The optimiser and its parameters (each optimiser reads only its own; see README)."""
     name: str = _f("adam", "optimiser", choices=OPTIMIZERS, aliases=("optimizer", "type"))
-    lr: float = _f(0.001, "learning rate", gt=0.0, le=1e6, aliases=("learning_rate", "lr_rate", "eta"))
-    weight_decay: float = _f(0.0, "L2 regularisation coefficient", ge=0.0, le=1e6,
+    lr: float = _f(0.001, "learning rate (the peak with warm-up and onecycle)", gt=0.0, le=1e6,
+                   aliases=("learning_rate", "lr_rate", "eta"))
+    weight_decay: float = _f(0.0, "L2 regularisation coefficient (decoupled for adamw)", ge=0.0, le=1e6,
                              aliases=("wd", "l2", "decay"))
+    momentum: float = _f(0.9, "momentum, nesterov: the momentum coefficient", ge=0.0, lt=1.0,
+                         aliases=("beta", "mom"))
+    betas: tuple = _f((0.9, 0.999), "adam, adamw: decay rates of the first and second moment estimates",
+                      item_type=float, length=2, item_ge=0.0, item_lt=1.0, aliases=("beta1", "beta2"))
+    eps: float = _f(1e-8, "adagrad, rmsprop, adadelta, adam, adamw: added to the denominator", gt=0.0, le=1.0,
+                    aliases=("epsilon",))
+    alpha: float = _f(0.99, "rmsprop: decay rate of the squared-gradient average", ge=0.0, lt=1.0)
+    rho: float = _f(0.9, "adadelta: decay rate of the squared-gradient and update averages", ge=0.0, lt=1.0)
+    impl: str = _f("auto", "auto (fused on CUDA where torch has it) | fused | foreach | for_loop",
+                   choices=OPTIM_IMPLS, aliases=("implementation", "fused", "foreach"))
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """How the learning rate moves during training; set per optimiser step."""
+    name: str = _f("constant", "constant | step | multistep | exponential | cosine | onecycle",
+                   choices=SCHEDULES, aliases=("type", "scheduler", "kind"))
+    warmup_steps: int = _f(0, "steps of linear warm-up from lr/warmup_steps to lr, in front of the schedule",
+                           ge=0, le=10**9, aliases=("warmup", "warm_up", "warmup_iters"))
+    gamma: float = _f(0.1, "step, multistep: lr factor at each drop; exponential: lr factor per epoch",
+                      gt=0.0, le=1.0, aliases=("factor", "decay"))
+    step_size: int = _f(10, "step: epochs between drops", ge=1, le=10**6, aliases=("step", "every"))
+    milestones: tuple = _f((), "multistep: epochs (increasing) after which lr is multiplied by gamma",
+                           item_ge=1, item_le=10**6, max_len=1000, aliases=("steps", "drops", "epochs"))
+    min_lr: float = _f(0.0, "cosine: lr at the last step", ge=0.0, le=1e6, aliases=("eta_min", "lr_min"))
+    pct_start: float = _f(0.3, "onecycle: fraction of the steps spent rising to lr", gt=0.0, lt=1.0)
+    div_factor: float = _f(25.0, "onecycle: lr starts at lr / div_factor", ge=1.0, le=1e6)
+    final_div_factor: float = _f(1e4, "onecycle: lr ends at lr / div_factor / final_div_factor", ge=1.0, le=1e9)
+
+
+@dataclass(frozen=True)
+class EarlyStopConfig:
+    """Stop when the monitored metric has not improved for `patience` epochs; it also picks best.ckpt."""
+    patience: Optional[int] = _f(None, "epochs without improvement before stopping; null = never stop early",
+                                 ge=1, le=10**6)
+    metric: Optional[str] = _f(None, "the metric that picks best.ckpt and drives early stopping (accuracy is "
+                                     "maximised, losses minimised); null: val_accuracy, or train_loss when "
+                                     "data.val_size is 0", choices=METRICS, aliases=("monitor",))
+    min_delta: float = _f(0.0, "smallest change that counts as an improvement", ge=0.0, le=1e6)
 
 
 @dataclass(frozen=True)
@@ -80,8 +152,18 @@ class TrainConfig:
     """The training loop."""
     epochs: int = _f(10, "passes over the training set", ge=1, le=10**6,
                      aliases=("num_epochs", "n_epochs", "max_epochs", "epoch"))
+    max_steps: Optional[int] = _f(None, "optimiser steps (iterations) to train for instead of train.epochs; "
+                                        "null = epochs decide", ge=1, le=10**9,
+                                  aliases=("steps", "iterations", "iters", "num_steps", "max_iters"))
     batch_size: int = _f(128, "samples per optimiser step", ge=1, le=1 << 24,
                          aliases=("batch", "bs", "batchsize"))
+    loss: str = _f("cross_entropy", "cross_entropy, or mse: 1/2 sum_k (o_k - t_k)^2 against one-hot t",
+                   choices=LOSSES, aliases=("criterion", "loss_fn", "objective"))
+    label_smoothing: float = _f(0.0, "cross_entropy: weight moved from the true class to all classes",
+                                ge=0.0, lt=1.0, aliases=("smoothing",))
+    grad_clip: Optional[float] = _f(None, "clip the global gradient norm to this; null = no clipping",
+                                    gt=0.0, le=1e9, aliases=("clip", "max_grad_norm", "clip_grad_norm"))
+    early_stop: EarlyStopConfig = _section(EarlyStopConfig)
     log_every: int = _f(50, "steps between progress-bar loss updates (each one is a host sync)",
                         ge=1, le=10**9)
 
@@ -107,8 +189,31 @@ class Config:
     data: DataConfig = _section(DataConfig)
     model: ModelConfig = _section(ModelConfig)
     optim: OptimConfig = _section(OptimConfig)
+    schedule: ScheduleConfig = _section(ScheduleConfig)
     train: TrainConfig = _section(TrainConfig)
     checkpoint: CheckpointConfig = _section(CheckpointConfig)
+
+
+def _cross_checks(cfg: Config) -> list[tuple[str, str]]:
+    """Rules that tie keys together: (dotted key, message) for each one broken."""
+    bad = []
+    if list(cfg.schedule.milestones) != sorted(set(cfg.schedule.milestones)):
+        bad.append(("schedule.milestones", f"{list(cfg.schedule.milestones)} must be strictly increasing"))
+    if cfg.schedule.name == "multistep" and not cfg.schedule.milestones:
+        bad.append(("schedule.milestones", "multistep needs at least one milestone (an epoch), e.g. [5, 8]"))
+    if cfg.model.output == "sigmoid" and cfg.train.loss == "cross_entropy":
+        bad.append(("model.output", "sigmoid outputs go with train.loss: mse; cross_entropy uses softmax"))
+    if cfg.train.label_smoothing and cfg.train.loss != "cross_entropy":
+        bad.append(("train.label_smoothing", "applies to train.loss: cross_entropy only"))
+    if (cfg.train.early_stop.metric or "").startswith("val_") and cfg.data.val_size == 0:
+        bad.append(("train.early_stop.metric", f"{cfg.train.early_stop.metric} needs a validation split; "
+                                               f"data.val_size is 0 (use train_loss, or set data.val_size)"))
+    if cfg.optim.name == "nesterov" and cfg.optim.momentum == 0:
+        bad.append(("optim.momentum", "nesterov needs momentum > 0"))
+    if cfg.optim.impl == "fused" and cfg.optim.name not in FUSED_OPTIMIZERS:
+        bad.append(("optim.impl", f"torch has no fused {cfg.optim.name}; fused exists for "
+                                  f"{', '.join(FUSED_OPTIMIZERS)} (use auto or foreach)"))
+    return bad
 
 
 # ----------------------------------------------------------------------------- reading
@@ -264,7 +369,7 @@ class _Checker:
         elif v is None:
             raise self.fail(key, f"must not be null; expected {_type_name(tp)}{self._allowed(m)}")
         if tp is tuple:
-            return self.tuple_of_ints(key, m, v)
+            return self.tuple_of(key, m, v)
         out = self.scalar(key, tp, v, m)
         self.check_range(key, out, m)
         if m["choices"] and out not in m["choices"]:
@@ -316,30 +421,41 @@ class _Checker:
             parts.append(f">= {m['ge']}")
         if m.get("le") is not None:
             parts.append(f"<= {m['le']:g}" if isinstance(m["le"], float) else f"<= {m['le']}")
+        if m.get("lt") is not None:
+            parts.append(f"< {m['lt']}")
         return f" ({' and '.join(parts)})" if parts else ""
 
     def check_range(self, key: str, v: Any, m: dict) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return
         if ((m["gt"] is not None and not v > m["gt"]) or (m["ge"] is not None and not v >= m["ge"])
-                or (m["le"] is not None and not v <= m["le"])):
+                or (m["le"] is not None and not v <= m["le"]) or (m["lt"] is not None and not v < m["lt"])):
             raise self.fail(key, f"{_show(v)} is out of range; expected a value{self._allowed(m)}")
 
-    def tuple_of_ints(self, key: str, m: dict, v: Any) -> tuple:
-        if isinstance(v, int) and not isinstance(v, bool):
+    def tuple_of(self, key: str, m: dict, v: Any) -> tuple:
+        item_type, example = m["item_type"], "[512, 512]" if m["item_type"] is int else "[0.9, 0.999]"
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and m["length"] is None:
             v = [v]  # `hidden: 256` means one layer of 256
         if not isinstance(v, (list, tuple)):
-            raise self.fail(key, f"{_show(v)} is not a list of integers, e.g. [512, 512]")
+            raise self.fail(key, f"{_show(v)} is not a list of {_type_name(item_type)[3:]}s, e.g. {example}")
+        if m["length"] is not None and len(v) != m["length"]:
+            raise self.fail(key, f"{_show(v)} has {len(v)} entries; expected exactly {m['length']}, e.g. {example}")
         if m["max_len"] is not None and len(v) > m["max_len"]:
             raise self.fail(key, f"{len(v)} entries; at most {m['max_len']} allowed")
         out = []
         for i, item in enumerate(v):
-            if isinstance(item, bool) or not isinstance(item, int):
-                raise self.fail(key, f"entry {i} ({_show(item)}) is not an integer; expected a list like [512, 512]")
-            if ((m["item_ge"] is not None and item < m["item_ge"])
-                    or (m["item_le"] is not None and item > m["item_le"])):
-                raise self.fail(key, f"entry {i} ({item}) is out of range; each must be between "
-                                     f"{m['item_ge']} and {m['item_le']}")
+            if item_type is float and isinstance(item, int) and not isinstance(item, bool):
+                item = float(item)
+            if isinstance(item, bool) or not isinstance(item, item_type) or (
+                    item_type is float and not math.isfinite(item)):
+                raise self.fail(key, f"entry {i} ({_show(item)}) is not {_type_name(item_type)}; "
+                                     f"expected a list like {example}")
+            lo, hi, lt = m["item_ge"], m["item_le"], m["item_lt"]
+            if (lo is not None and item < lo) or (hi is not None and item > hi) or (lt is not None and item >= lt):
+                bounds = " and ".join(b for b in (f">= {lo}" if lo is not None else "",
+                                                  f"<= {hi}" if hi is not None else "",
+                                                  f"< {lt}" if lt is not None else "") if b)
+                raise self.fail(key, f"entry {i} ({item}) is out of range; each must be {bounds}")
             out.append(item)
         return tuple(out)
 
@@ -394,7 +510,11 @@ def config_from_dict(raw: Any, source: str = "<config>", overrides: typing.Seque
     overridden: dict[str, str] = {}
     for text in overrides:
         _apply_override(raw, text, overridden)
-    return _Checker(source, overridden).section(Config, raw, "")
+    checker = _Checker(source, overridden)
+    cfg = checker.section(Config, raw, "")
+    for key, msg in _cross_checks(cfg):
+        raise checker.fail(key, msg)
+    return cfg
 
 
 def _deep_copy(v: Any) -> Any:
@@ -422,5 +542,12 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+class _Dumper(yaml.SafeDumper):
+    """Block-style mappings, flow-style lists: `hidden: [512, 512]` reads like the shipped configs."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)

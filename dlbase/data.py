@@ -185,9 +185,9 @@ def _download(root: Path, dataset: str) -> None:
     try:
         getattr(tvd, TORCHVISION_CLASS[dataset])(root=str(root), train=True, download=True)
     except Exception as e:  # network errors come in many types; all mean the same to the user
-        raise DataError(f"data.download: could not download {dataset} into {root} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); put the IDX files there or point "
-                        f"data.root at them") from None
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:300] or type(e).__name__
+        raise DataError(f"data.download: could not download {dataset} into {root} ({reason}); put the four "
+                        f"IDX files there or point data.root at them") from None
 
 
 def locate(root: Optional[str], dataset: str, download: bool) -> Path:

@@ -1,16 +1,21 @@
 """evaluate(): accuracy and mean loss of a model on a device-resident split."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dlbase.data import DeviceSplit, normalize
+from dlbase.loss import LossFn
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: DeviceSplit, batch_size: int = 4096) -> dict[str, float]:
-    """{"n", "accuracy" (fraction), "loss" (mean cross-entropy, nats)}; one host sync at the end."""
+def evaluate(model: nn.Module, split: DeviceSplit, loss_fn: Optional[LossFn] = None,
+             batch_size: int = 4096) -> dict[str, float]:
+    """{"n", "accuracy" (fraction), "loss" (mean of loss_fn, default cross-entropy)}; one host sync at the end."""
+    loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y))
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=split.x.device)
@@ -19,7 +24,7 @@ def evaluate(model: nn.Module, split: DeviceSplit, batch_size: int = 4096) -> di
         xb = normalize(split.x[start:start + batch_size])
         yb = split.y[start:start + batch_size]
         logits = model(xb).float()
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+        loss_sum += loss_fn(logits, yb) * yb.shape[0]
         correct += (logits.argmax(dim=1) == yb).sum()
     model.train(was_training)
     n = len(split)

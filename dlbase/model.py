@@ -1,30 +1,57 @@
-"""The MLP: input pixels -> hidden layers -> class logits. forward() only; it knows nothing about the loop."""
+"""The MLP: encoded pixels -> hidden layers -> class logits. forward() only; it knows nothing about the loop."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from dlbase.config import ModelConfig
+from dlbase.encoding import build_encoding
 
-ACTIVATIONS = {"relu": nn.ReLU}
+ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU,
+               "gelu": nn.GELU, "silu": nn.SiLU}
+# nn.init's gain names; gelu and silu are relu-like
+_GAIN = {"sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu", "leaky_relu": "leaky_relu",
+         "gelu": "relu", "silu": "relu"}
+
+
+def _norm(kind: str, width: int) -> nn.Module | None:
+    return {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}[kind](width) if kind != "none" else None
 
 
 class MLP(nn.Module):
-    """Linear -> activation -> dropout, once per `cfg.hidden` width, then a linear layer to the logits."""
+    """encoding -> (Linear -> norm? -> activation -> dropout?) per `cfg.hidden` width -> Linear to the logits.
+
+    forward() returns logits; `cfg.output` (softmax or sigmoid) is applied by the loss and by predictions.
+    """
 
     def __init__(self, cfg: ModelConfig, in_features: int = 784, num_classes: int = 10):
         super().__init__()
+        self.encoding = build_encoding(cfg.encoding, in_features)
         layers: list[nn.Module] = []
-        width = in_features
+        width = self.encoding.out_features
         for h in cfg.hidden:
             layers.append(nn.Linear(width, h))
+            norm = _norm(cfg.norm, h)
+            if norm is not None:
+                layers.append(norm)
             layers.append(ACTIVATIONS[cfg.activation]())
             if cfg.dropout > 0:
                 layers.append(nn.Dropout(cfg.dropout))
             width = h
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)
+        if cfg.init != "default":
+            self._init(cfg.init, _GAIN[cfg.activation])
+
+    def _init(self, scheme: str, nonlinearity: str) -> None:
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                if scheme.startswith("xavier"):
+                    getattr(nn.init, scheme + "_")(m.weight, gain=nn.init.calculate_gain(nonlinearity))
+                else:
+                    getattr(nn.init, scheme + "_")(m.weight, nonlinearity=nonlinearity)
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_features) float in [0, 1] -> logits (B, num_classes)."""
-        return self.net(x)
+        return self.net(self.encoding(x))

@@ -1,24 +1,134 @@
-"""build_optimizer(): optimiser names from the config -> torch.optim objects."""
+"""build_optimizer() and build_schedule(): names from the config -> torch optimisers and lr schedules."""
 from __future__ import annotations
 
+import bisect
+import math
 from typing import Callable, Iterable
 
 import torch
 
-from dlbase.config import OptimConfig
+from dlbase.config import FUSED_OPTIMIZERS, OptimConfig, ScheduleConfig
 
 
-def _sgd(params, cfg: OptimConfig, **kw) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
+def _sgd(params, c: OptimConfig, kw) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=c.lr, weight_decay=c.weight_decay, **kw)
 
 
-def _adam(params, cfg: OptimConfig, **kw) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
+def _momentum(params, c: OptimConfig, kw) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, **kw)
 
 
-# name -> constructor; config.OPTIMIZERS lists the same names (a test keeps them equal).
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": _sgd, "adam": _adam}
+def _nesterov(params, c: OptimConfig, kw) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=True, weight_decay=c.weight_decay, **kw)
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.name](list(params), cfg)
+def _adagrad(params, c: OptimConfig, kw) -> torch.optim.Optimizer:
+    return torch.optim.Adagrad(params, lr=c.lr, eps=c.eps, weight_decay=c.weight_decay, **kw)
+
+
+def _rmsprop(params, c: OptimConfig, kw) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(params, lr=c.lr, alpha=c.alpha, eps=c.eps, weight_decay=c.weight_decay, **kw)
+
+
+def _adadelta(params, c: OptimConfig, kw) -> torch.optim.Optimizer:
+    return torch.optim.Adadelta(params, lr=c.lr, rho=c.rho, eps=c.eps, weight_decay=c.weight_decay, **kw)
+
+
+def _adam(params, c: OptimConfig, kw) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay, **kw)
+
+
+def _adamw(params, c: OptimConfig, kw) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay, **kw)
+
+
+# name -> constructor (D2L chapter 11's optimisers); config.OPTIMIZERS lists the same names (a test keeps them equal).
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": _sgd, "momentum": _momentum, "nesterov": _nesterov, "adagrad": _adagrad, "rmsprop": _rmsprop,
+    "adadelta": _adadelta, "adam": _adam, "adamw": _adamw,
+}
+# which OptimConfig fields each optimiser reads (the README's table comes from here)
+OPTIMIZER_PARAMS = {
+    "sgd": ("lr", "weight_decay"), "momentum": ("lr", "momentum", "weight_decay"),
+    "nesterov": ("lr", "momentum", "weight_decay"), "adagrad": ("lr", "eps", "weight_decay"),
+    "rmsprop": ("lr", "alpha", "eps", "weight_decay"), "adadelta": ("lr", "rho", "eps", "weight_decay"),
+    "adam": ("lr", "betas", "eps", "weight_decay"), "adamw": ("lr", "betas", "eps", "weight_decay"),
+}
+
+
+def _impl_kwargs(cfg: OptimConfig, device: torch.device) -> dict:
+    """fused / foreach / for_loop flags. auto: torch's fused kernel on CUDA where it exists, else its default."""
+    impl = cfg.impl
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" and cfg.name in FUSED_OPTIMIZERS else "default"
+    if impl == "fused":
+        return {"fused": True}
+    if impl == "foreach":
+        return {"foreach": True}
+    if impl == "for_loop":
+        return {"foreach": False}
+    return {}
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig,
+                    device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.name](list(params), cfg, _impl_kwargs(cfg, device))
+
+
+class Schedule:
+    """The learning rate at every optimiser step, in closed form.
+
+    lr(s) for step s = 0, 1, ..., total_steps - 1:
+      - warm-up (s < W): lr * (s + 1) / W, a straight line reaching lr at step W - 1;
+      - then the named schedule. Epoch-based ones (step, multistep, exponential) read the epoch
+        e = s // steps_per_epoch, so milestones are the epochs a user counts; cosine and onecycle run over the
+        steps after the warm-up, t = s - W of T = total_steps - W:
+        constant:    lr
+        step:        lr * gamma ** (e // step_size)
+        multistep:   lr * gamma ** (number of milestones <= e)
+        exponential: lr * gamma ** e
+        cosine:      min_lr + (lr - min_lr) * (1 + cos(pi * t / (T - 1))) / 2     (lr at t = 0, min_lr at the end)
+        onecycle:    cosine rise from lr / div_factor to lr over the first pct_start of T, then a cosine fall to
+                     lr / div_factor / final_div_factor at the last step (torch's OneCycleLR, anneal 'cos').
+    """
+
+    def __init__(self, cfg: ScheduleConfig, base_lr: float, steps_per_epoch: int, total_steps: int):
+        self.cfg, self.base, self.spe, self.total = cfg, base_lr, steps_per_epoch, total_steps
+
+    def __call__(self, step: int) -> float:
+        c, lr = self.cfg, self.base
+        w = c.warmup_steps
+        if step < w:
+            return lr * (step + 1) / w
+        e = step // self.spe
+        t, T = step - w, max(1, self.total - w)
+        if c.name == "constant":
+            return lr
+        if c.name == "step":
+            return lr * c.gamma ** (e // c.step_size)
+        if c.name == "multistep":
+            return lr * c.gamma ** bisect.bisect_right(c.milestones, e)
+        if c.name == "exponential":
+            return lr * c.gamma ** e
+        if c.name == "cosine":
+            frac = min(1.0, t / (T - 1)) if T > 1 else 0.0
+            return c.min_lr + (lr - c.min_lr) * (1 + math.cos(math.pi * frac)) / 2
+        assert c.name == "onecycle", c.name
+        start, end = lr / c.div_factor, lr / c.div_factor / c.final_div_factor
+        up = max(1, round(c.pct_start * T) - 1)  # the step at which lr peaks (OneCycleLR's phase boundary)
+        if t <= up:
+            return _cos_anneal(start, lr, t / up)
+        down = max(1, T - 1 - up)
+        return _cos_anneal(lr, end, min(1.0, (t - up) / down))
+
+    def table(self) -> list[float]:
+        return [self(s) for s in range(self.total)]
+
+
+def _cos_anneal(a: float, b: float, frac: float) -> float:
+    """From a (frac = 0) to b (frac = 1) along half a cosine."""
+    return b + (a - b) * (1 + math.cos(math.pi * frac)) / 2
+
+
+def build_schedule(cfg: ScheduleConfig, base_lr: float, steps_per_epoch: int, total_steps: int) -> Schedule:
+    return Schedule(cfg, base_lr, steps_per_epoch, total_steps)

@@ -21,7 +21,8 @@ from dlbase.data import Batcher, Dataset, load_dataset, normalize
 from dlbase.errors import CheckpointError, ConfigError
 from dlbase.evaluate import evaluate
 from dlbase.model import MLP
-from dlbase.optim import build_optimizer
+from dlbase.loss import build_eval_loss, build_loss
+from dlbase.optim import build_optimizer, build_schedule
 
 METRICS_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_accuracy", "lr", "seconds")
 
@@ -119,20 +120,58 @@ def _restore_rng(state: dict, batcher: Batcher, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class Monitor:
+    """Tracks the metric that picks best.ckpt, and early stopping's patience (in epochs)."""
+
+    def __init__(self, cfg: Config, has_val: bool, state: Optional[dict] = None):
+        self.metric = cfg.train.early_stop.metric or ("val_accuracy" if has_val else "train_loss")
+        self.sign = 1.0 if self.metric.endswith("accuracy") else -1.0  # +1: higher is better
+        self.patience, self.min_delta = cfg.train.early_stop.patience, cfg.train.early_stop.min_delta
+        self.value, self.epoch, self.bad_epochs = -math.inf * self.sign, 0, 0
+        if state is not None:
+            self.value, self.epoch, self.bad_epochs = state["value"], state["epoch"], state.get("bad_epochs", 0)
+
+    def update(self, metrics: dict, epoch: int) -> bool:
+        """Record an epoch's metrics; True when it is the best so far."""
+        value = metrics[self.metric]
+        if self.sign * (value - self.value) > self.min_delta or self.epoch == 0:
+            self.value, self.epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+    def state(self) -> dict:
+        return {"metric": self.metric, "value": self.value, "epoch": self.epoch, "bad_epochs": self.bad_epochs}
+
+    def describe(self) -> str:
+        shown = f"{100 * self.value:.2f}%" if self.metric.endswith("accuracy") else f"{self.value:.4f}"
+        return f"best {self.metric} {shown} at epoch {self.epoch}"
+
+
 def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[dict] = None,
           log: Callable[[str], None] = print) -> RunResult:
     """Train cfg from scratch, or continue the run that resume_payload (loaded from `resume`) came from."""
     device = resolve_device(cfg.device)
-    folder = resume.parent if resume is not None else new_run_dir(cfg)
-    check_writable(folder)
     seed_everything(cfg.seed)
-    data: Dataset = load_dataset(cfg.data, cfg.seed, device)
+    data: Dataset = load_dataset(cfg.data, cfg.seed, device)  # first: a missing dataset leaves no empty folder
+    folder = resume.parent if resume is not None else new_run_dir(cfg)
+    check_writable(folder)  # before any training time is spent
 
     model = build_model(cfg, data.input_shape, device)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    optimizer = build_optimizer(model.parameters(), cfg.optim, device)
     batcher = Batcher(len(data.train), cfg.train.batch_size, device, cfg.seed)
-    monitor, sign = ("val_accuracy", 1.0) if data.val is not None else ("train_loss", -1.0)
-    best = {"metric": monitor, "value": -math.inf * sign, "epoch": 0}
+    steps_per_epoch = len(batcher)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    epochs = -(-total_steps // steps_per_epoch)  # the last one may be partial when max_steps decides
+    schedule = build_schedule(cfg.schedule, cfg.optim.lr, steps_per_epoch, total_steps)
+    loss_fn = build_loss(cfg.train.loss, cfg.model.output, cfg.train.label_smoothing)
+    eval_loss = build_eval_loss(cfg.train.loss, cfg.model.output)
+    params = [p for p in model.parameters() if p.requires_grad]
+    monitor = Monitor(cfg, data.val is not None)
     start_epoch, step = 0, 0
     metrics_path = folder / "metrics.csv"
     rows: list[dict] = []
@@ -149,54 +188,62 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
                                   f"({e})") from None
         _restore_rng(resume_payload["rng"], batcher, device)
         start_epoch, step = int(resume_payload["epoch"]), int(resume_payload["step"])
-        best = dict(resume_payload["best"])
+        monitor = Monitor(cfg, data.val is not None, resume_payload["best"])
         rows = _read_metrics(metrics_path, start_epoch)
         log(f"resuming {folder} from epoch {start_epoch} (step {step})")
+    if step >= total_steps or monitor.should_stop:
+        why = "stopped early" if monitor.should_stop else f"finished {step} of {total_steps} steps"
+        log(f"nothing to do: the run in {folder} {why}; raise train.epochs or train.max_steps "
+            f"(--set train.epochs=N) to train on")
+        return RunResult(folder, start_epoch, monitor.metric, monitor.value, monitor.epoch, rows[-1] if rows else {})
     (folder / "config.yaml").write_text(to_yaml(cfg))
     log(f"run folder: {folder}  (config.yaml, metrics.csv, last.ckpt, best.ckpt)")
     log(f"data: {data.folder}  train {len(data.train)}, val {len(data.val) if data.val else 0}, "
         f"test {len(data.test)} on {device}")
-    if start_epoch >= cfg.train.epochs:
-        log(f"nothing to do: the run already finished {start_epoch} of train.epochs={cfg.train.epochs}; "
-            f"raise train.epochs (--set train.epochs=N) to train on")
-        return RunResult(folder, start_epoch, best["metric"], best["value"], best["epoch"],
-                         rows[-1] if rows else {})
 
-    n_train = len(data.train)
     show_bar = sys.stderr.isatty()  # a live bar only on a terminal; logs and CI get the epoch lines alone
-    for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
+    epoch = start_epoch
+    for epoch in range(start_epoch + 1, epochs + 1):
         t0 = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)  # summed over samples; read once at the epoch's end
-        bar = tqdm(total=len(batcher), desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False,
+        seen = 0
+        bar = tqdm(total=min(steps_per_epoch, total_steps - step), desc=f"epoch {epoch}/{epochs}", leave=False,
                    disable=not show_bar, unit="step")
-        for i, idx in enumerate(batcher.epoch()):
+        for idx in batcher.epoch():
+            if step >= total_steps:
+                break
+            lr = schedule(step)  # a host float: setting it costs no sync
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             xb = normalize(data.train.x[idx])  # (B, 784) float in [0, 1]
             yb = data.train.y[idx]  # (B,)
-            loss = F.cross_entropy(model(xb), yb)
+            loss = loss_fn(model(xb), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.train.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)  # returns a device tensor: no sync
             optimizer.step()
             loss_sum += loss.detach() * idx.shape[0]
+            seen += idx.shape[0]
             step += 1
             if show_bar:
                 bar.update(1)
-                if (i + 1) % cfg.train.log_every == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")  # note: CPU-GPU sync, once per log interval
+                if step % cfg.train.log_every == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}")  # note: CPU-GPU sync, per log interval
         bar.close()
 
         # ---- epoch boundary: the host syncs below are where they belong
-        train_loss = loss_sum.item() / n_train
-        val = evaluate(model, data.val) if data.val is not None else None
+        train_loss = loss_sum.item() / max(1, seen)
+        val = evaluate(model, data.val, eval_loss) if data.val is not None else None
         seconds = time.perf_counter() - t0
-        row = {"epoch": epoch, "step": step, "train_loss": f"{train_loss:.6f}",
-               "val_loss": f"{val['loss']:.6f}" if val else "", "val_accuracy": f"{val['accuracy']:.6f}" if val else "",
-               "lr": f"{optimizer.param_groups[0]['lr']:.6g}", "seconds": f"{seconds:.3f}"}
-        rows.append(row)
-        value = val["accuracy"] if val else train_loss
-        improved = sign * value > sign * best["value"]
-        if improved:
-            best = {"metric": monitor, "value": value, "epoch": epoch}
+        metrics = {"train_loss": train_loss, **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+                                                if val else {})}
+        rows.append({"epoch": epoch, "step": step, "train_loss": f"{train_loss:.6f}",
+                     "val_loss": f"{val['loss']:.6f}" if val else "",
+                     "val_accuracy": f"{val['accuracy']:.6f}" if val else "",
+                     "lr": f"{lr:.6g}", "seconds": f"{seconds:.3f}"})
+        improved = monitor.update(metrics, epoch)
         payload = {
             "format_version": checkpoint.FORMAT_VERSION,
             "config": to_dict(cfg),
@@ -205,9 +252,8 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
             "step": step,
-            "metrics": {"train_loss": train_loss, **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-                                                     if val else {})},
-            "best": best,
+            "metrics": metrics,
+            "best": monitor.state(),
             "rng": _rng_state(batcher, device),
         }
         checkpoint.save(folder / "last.ckpt", payload)
@@ -215,13 +261,16 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
             checkpoint.save(folder / "best.ckpt", payload)
         _write_metrics(metrics_path, rows)
         val_text = f"  val_loss {val['loss']:.4f}  val_acc {100 * val['accuracy']:.2f}%" if val else ""
-        log(f"epoch {epoch}/{cfg.train.epochs}  train_loss {train_loss:.4f}{val_text}  {seconds:.1f}s"
+        log(f"epoch {epoch}/{epochs}  train_loss {train_loss:.4f}{val_text}  lr {lr:.3g}  {seconds:.1f}s"
             f"{'  *best' if improved else ''}")
+        if monitor.should_stop:
+            log(f"early stop: no {monitor.metric} improvement for {monitor.bad_epochs} epochs "
+                f"(train.early_stop.patience={monitor.patience})")
+            break
 
-    pct = f"{100 * best['value']:.2f}%" if monitor == "val_accuracy" else f"{best['value']:.4f}"
-    log(f"done: best {monitor} {pct} at epoch {best['epoch']} -> {folder / 'best.ckpt'}")
+    log(f"done: {monitor.describe()} -> {folder / 'best.ckpt'}")
     log(f"test it: dlbase eval {folder / 'best.ckpt'}")
-    return RunResult(folder, cfg.train.epochs, monitor, best["value"], best["epoch"], rows[-1])
+    return RunResult(folder, epoch, monitor.metric, monitor.value, monitor.epoch, rows[-1] if rows else {})
 
 
 def _load_model_state(model: torch.nn.Module, state: dict, path: Optional[Path]) -> None:

@@ -94,3 +94,10 @@ def test_console_script_installed():
     exe = shutil.which("dlbase") or os.path.join(os.path.dirname(sys.executable), "dlbase")
     r = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "train" in r.stdout
+
+
+def test_eval_data_root_never_downloads_or_creates_folders(tiny_config, tmp_path):
+    runner.invoke(app, ["train", "-c", str(tiny_config), "--set", "train.epochs=1", "--set", "data.download=true"])
+    missing = tmp_path / "no-such-dir"
+    r = runner.invoke(app, ["eval", str(tmp_path / "ckpt/tiny/best.ckpt"), "--data-root", str(missing)])
+    assert r.exit_code == 2 and "not found" in r.stderr and not missing.exists()

@@ -63,7 +63,7 @@ def test_overrides_parse_yaml_values(tmp_path):
     ("optim:\n  lr: fast\n", "optim.lr", ["'fast'", "a number"]),
     ("optim:\n  lr: -0.1\n", "optim.lr", ["-0.1", "out of range", "> 0.0"]),
     ("optim:\n  lr: .nan\n", "optim.lr", ["finite"]),
-    ("optim:\n  name: adm\n", "optim.name", ["'adm'", "sgd, adam", "did you mean adam?"]),
+    ("optim:\n  name: adm\n", "optim.name", ["'adm'", "sgd, momentum, nesterov", "did you mean adam?"]),
     ("train:\n  epochs: 2.5\n", "train.epochs", ["2.5", "an integer"]),
     ("train:\n  epochs: 0\n", "train.epochs", ["out of range", ">= 1"]),
     ("train:\n  batch_size: true\n", "train.batch_size", ["True", "an integer"]),
@@ -160,3 +160,44 @@ def test_cli_show_prints_resolved_yaml(tmp_path):
 def test_cli_validate_ok(tmp_path):
     r = runner.invoke(app, ["config", "validate", "--config", str(REPO / "configs" / "mnist_mlp.yaml")])
     assert r.exit_code == 0 and "valid" in r.stdout
+
+
+@pytest.mark.parametrize("text,key,words", [
+    ("optim:\n  name: lbfgs\n", "optim.name", ["'lbfgs'", "adadelta"]),
+    ("optim:\n  lr: -1\n", "optim.lr", ["out of range"]),
+    ("model:\n  encoding: {name: fourier, num_freqs: 0}\n", "model.encoding.num_freqs", ["0", ">= 1"]),
+    ("schedule: {name: multistep, milestones: [5, 3]}\n", "schedule.milestones", ["strictly increasing"]),
+    ("schedule: {name: multistep}\n", "schedule.milestones", ["at least one milestone"]),
+    ("schedule: {name: cosin}\n", "schedule.name", ["did you mean cosine?"]),
+    ("optim: {betas: [0.9]}\n", "optim.betas", ["exactly 2"]),
+    ("optim: {betas: [0.9, 1.0]}\n", "optim.betas", ["entry 1", "< 1.0"]),
+    ("optim: {momentum: 1.5}\n", "optim.momentum", ["out of range", "< 1.0"]),
+    ("optim: {name: rmsprop, impl: fused}\n", "optim.impl", ["no fused rmsprop"]),
+    ("model: {output: sigmoid}\n", "model.output", ["mse"]),
+    ("train: {label_smoothing: 0.1, loss: mse}\n", "train.label_smoothing", ["cross_entropy only"]),
+    ("data: {val_size: 0}\ntrain: {early_stop: {metric: val_loss}}\n", "train.early_stop.metric",
+     ["validation split"]),
+    ("model: {activation: swish}\n", "model.activation", ["sigmoid, tanh, relu, leaky_relu, gelu, silu"]),
+    ("model: {init: he}\n", "model.init", ["kaiming_normal"]),
+    ("model: {batch_norm: true}\n", "model.batch_norm", ["did you mean model.norm?"]),
+    ("train: {iterations: 100}\n", "train.iterations", ["did you mean train.max_steps?"]),
+    ("train: {max_steps: 0}\n", "train.max_steps", [">= 1"]),
+    ("train: {grad_clip: 0}\n", "train.grad_clip", ["> 0.0"]),
+])
+def test_bad_hyperparameters_fail_at_load(tmp_path, text, key, words):
+    msg = error_of(tmp_path, text)
+    assert f": {key}: " in msg, msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_issue3_keys_parse(tmp_path):
+    cfg = load_config(write(tmp_path, """
+model: {activation: sigmoid, init: xavier_uniform, norm: batch, output: sigmoid,
+        encoding: {name: fourier, num_freqs: 4, include_input: false}}
+optim: {name: nesterov, momentum: 0.95, betas: [0.8, 0.9]}
+schedule: {name: multistep, milestones: [2, 4], gamma: 0.5, warmup_steps: 100}
+train: {loss: mse, max_steps: 500, grad_clip: 1.0, early_stop: {patience: 3, metric: val_loss}}
+"""))
+    assert cfg.model.encoding.num_freqs == 4 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.schedule.milestones == (2, 4) and cfg.train.early_stop.patience == 3

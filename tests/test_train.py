@@ -96,3 +96,107 @@ def test_sgd_also_trains(tiny_config):
     result = train(load_config(tiny_config, ["optim.name=sgd", "optim.lr=0.1", "train.epochs=3"]),
                    log=lambda s: None)
     assert result.best_value >= 0.8
+
+
+def rows_of(folder):
+    import csv
+    with open(folder / "metrics.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_max_steps_instead_of_epochs(tiny_config):
+    result = train(load_config(tiny_config, ["train.max_steps=25", "train.epochs=100"]), log=lambda s: None)
+    rows = rows_of(result.folder)
+    assert [int(r["step"]) for r in rows] == [10, 20, 25]  # 10 steps an epoch; the third is partial
+    assert checkpoint.load(result.folder / "last.ckpt")["step"] == 25
+
+
+def test_schedule_lr_is_applied_and_logged(tiny_config):
+    result = train(load_config(tiny_config, ["schedule.name=step", "schedule.step_size=1", "schedule.gamma=0.5",
+                                             "optim.lr=0.02"]), log=lambda s: None)
+    assert [float(r["lr"]) for r in rows_of(result.folder)] == pytest.approx([0.02, 0.01, 0.005])
+
+
+def test_early_stop_stops_and_keeps_the_best(tiny_config):
+    # val_loss keeps improving on this easy data, so make improvement impossible with a huge min_delta
+    cfg = load_config(tiny_config, ["train.epochs=20", "train.early_stop.patience=2",
+                                    "train.early_stop.metric=val_loss", "train.early_stop.min_delta=100"])
+    logs = []
+    result = train(cfg, log=logs.append)
+    rows = rows_of(result.folder)
+    assert len(rows) == 3  # epoch 1 is best, epochs 2 and 3 fail to improve, then it stops
+    assert any("early stop" in line for line in logs)
+    assert checkpoint.load(result.folder / "best.ckpt")["epoch"] == 1
+    assert result.best_epoch == 1 and result.best_metric == "val_loss"
+
+
+def test_early_stop_on_a_real_plateau(tiny_config):
+    cfg = load_config(tiny_config, ["train.epochs=30", "train.early_stop.patience=3", "optim.lr=0.05",
+                                    "train.early_stop.metric=val_accuracy"])
+    result = train(cfg, log=lambda s: None)
+    rows = rows_of(result.folder)
+    accs = [float(r["val_accuracy"]) for r in rows]
+    assert len(rows) < 30 and len(rows) == 1 + accs.index(max(accs)) + 3
+    assert checkpoint.load(result.folder / "best.ckpt")["epoch"] == 1 + accs.index(max(accs))
+
+
+@pytest.mark.parametrize("sets", [
+    ["train.loss=mse", "model.output=sigmoid", "model.activation=sigmoid", "optim.name=sgd", "optim.lr=5.0",
+     "train.batch_size=10", "train.epochs=6"],
+    ["train.loss=mse", "model.output=softmax"],
+    ["model.encoding.name=fourier", "model.encoding.num_freqs=2"],
+    # Adam moves each of the ~784*L near-constant cos features' weights by ~lr a step: encodings want a small lr
+    ["model.encoding.name=gaussian", "model.encoding.num_freqs=2", "optim.lr=0.001", "train.batch_size=10"],
+    ["model.encoding.name=learned", "model.encoding.num_freqs=2"],
+    ["model.norm=batch", "model.init=kaiming_normal", "model.activation=gelu"],
+    ["model.norm=layer", "model.init=xavier_uniform", "model.activation=tanh", "train.grad_clip=0.5"],
+    ["optim.name=adamw", "schedule.name=onecycle", "optim.lr=0.02"],
+    ["optim.name=momentum", "schedule.name=cosine", "schedule.warmup_steps=5", "optim.lr=0.05"],
+    ["train.label_smoothing=0.1", "model.dropout=0.2"],
+])
+def test_each_idea_trains_and_evaluates(tiny_config, sets):
+    from dlbase.train import load_for_eval
+    from dlbase.data import load_dataset
+    from dlbase.evaluate import evaluate
+    result = train(load_config(tiny_config, ["train.epochs=4"] + sets), log=lambda s: None)
+    assert result.best_value >= 0.8, (sets, result.best_value)
+    cfg, model, _ = load_for_eval(result.folder / "best.ckpt", torch.device("cpu"))  # rebuilt from the file
+    test = evaluate(model, load_dataset(cfg.data, cfg.seed, torch.device("cpu")).test)
+    assert test["accuracy"] >= 0.8
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_after_epoch(n):
+    def log(line):
+        if line.startswith(f"epoch {n}/"):  # printed after the epoch's checkpoints are on disk
+            raise Interrupt
+    return log
+
+
+@pytest.mark.parametrize("sets", [
+    ["schedule.name=cosine", "schedule.warmup_steps=7", "model.encoding.name=learned", "model.encoding.num_freqs=2",
+     "model.dropout=0.1", "optim.name=adamw", "train.grad_clip=1.0"],
+    ["schedule.name=onecycle", "optim.name=nesterov", "model.norm=batch", "train.early_stop.patience=5",
+     "train.loss=mse"],
+])
+def test_resume_mid_schedule_is_bit_identical(tiny_config, tmp_path, sets):
+    full = load_config(tiny_config, sets + [f"checkpoint.dir={tmp_path / 'a'}", "train.epochs=4"])
+    train(full, log=lambda s: None)
+    cut = dataclasses.replace(full, checkpoint=dataclasses.replace(full.checkpoint, dir=str(tmp_path / "b")))
+    with pytest.raises(Interrupt):
+        train(cut, log=stop_after_epoch(2))
+    last = tmp_path / "b" / "tiny" / "last.ckpt"
+    assert checkpoint.load(last)["epoch"] == 2
+    train(cut, resume=last, resume_payload=checkpoint.load(last), log=lambda s: None)
+    a, b = weights(tmp_path / "a" / "tiny" / "last.ckpt"), weights(last)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["lr"] for r in rows_of(tmp_path / "a" / "tiny")] == [r["lr"] for r in rows_of(tmp_path / "b" / "tiny")]
+
+
+def test_missing_data_leaves_no_empty_run_folder(tiny_config, tmp_path):
+    with pytest.raises(DataError):
+        train(load_config(tiny_config, [f"data.root={tmp_path / 'nothing'}"]), log=lambda s: None)
+    assert not (tmp_path / "ckpt").exists()

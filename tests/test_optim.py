@@ -1,0 +1,131 @@
+import math
+
+import pytest
+import torch
+
+from dlbase import config as C
+from dlbase.config import ScheduleConfig, load_config
+from dlbase.optim import OPTIMIZER_PARAMS, OPTIMIZERS, build_optimizer, build_schedule
+
+LRS = {"sgd": 0.1, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.1, "rmsprop": 0.01, "adadelta": 1.0,
+       "adam": 0.01, "adamw": 0.01}
+
+
+def test_names_agree_with_the_config():
+    assert tuple(OPTIMIZERS) == C.OPTIMIZERS and tuple(OPTIMIZER_PARAMS) == C.OPTIMIZERS
+
+
+@pytest.mark.parametrize("name", C.OPTIMIZERS)
+def test_every_optimiser_from_yaml_lowers_the_loss(tmp_path, name):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"optim:\n  name: {name}\n  lr: {LRS[name]}\n  weight_decay: 0.0001\n")
+    cfg = load_config(p).optim
+    torch.manual_seed(0)
+    x = torch.randn(256, 20)
+    y = (x @ torch.randn(20, 3)).argmax(1)  # a linearly separable 3-class problem
+    model = torch.nn.Linear(20, 3)
+    opt = build_optimizer(model.parameters(), cfg)
+    losses = []
+    for _ in range(400 if name == "adadelta" else 60):  # adadelta starts with tiny steps (sqrt(eps) scale)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], (name, losses[0], losses[-1])
+
+
+def test_optimiser_parameters_reach_torch():
+    cfg = load_config(None, ["optim.name=nesterov", "optim.momentum=0.8"]).optim
+    g = build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg).param_groups[0]
+    assert g["nesterov"] and g["momentum"] == 0.8
+    cfg = load_config(None, ["optim.name=adamw", "optim.betas=[0.8, 0.95]", "optim.eps=1e-6",
+                             "optim.weight_decay=0.05"]).optim
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
+    g = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.AdamW) and g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6
+    assert g["weight_decay"] == 0.05
+    g = build_optimizer([torch.nn.Parameter(torch.zeros(2))], load_config(None, ["optim.name=rmsprop",
+                        "optim.alpha=0.9"]).optim).param_groups[0]
+    assert g["alpha"] == 0.9
+    g = build_optimizer([torch.nn.Parameter(torch.zeros(2))], load_config(None, ["optim.name=adadelta",
+                        "optim.rho=0.95"]).optim).param_groups[0]
+    assert g["rho"] == 0.95
+    g = build_optimizer([torch.nn.Parameter(torch.zeros(2))], load_config(None, ["optim.impl=foreach"]).optim
+                        ).param_groups[0]
+    assert g["foreach"] is True
+
+
+def sched(steps_per_epoch=10, total=100, **kw):
+    return build_schedule(ScheduleConfig(**kw), 0.1, steps_per_epoch, total)
+
+
+def test_constant_and_warmup():
+    s = sched(name="constant", warmup_steps=5)
+    assert [s(i) for i in range(7)] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1, 0.1, 0.1])
+
+
+def test_step_edges():
+    s = sched(name="step", gamma=0.5, step_size=3)  # epochs 0-2: 0.1, 3-5: 0.05, ...
+    assert s(29) == pytest.approx(0.1) and s(30) == pytest.approx(0.05) and s(60) == pytest.approx(0.025)
+
+
+def test_multistep_edges():
+    s = sched(name="multistep", gamma=0.1, milestones=(2, 5))
+    assert s(19) == pytest.approx(0.1) and s(20) == pytest.approx(0.01) and s(49) == pytest.approx(0.01)
+    assert s(50) == pytest.approx(0.001)
+
+
+def test_exponential_per_epoch():
+    s = sched(name="exponential", gamma=0.9)
+    assert s(9) == pytest.approx(0.1) and s(10) == pytest.approx(0.09) and s(95) == pytest.approx(0.1 * 0.9 ** 9)
+
+
+def test_cosine_end_and_middle_after_warmup():
+    s = sched(name="cosine", min_lr=0.001, warmup_steps=10)
+    assert s(9) == pytest.approx(0.1) and s(10) == pytest.approx(0.1)  # warm-up end, cosine start
+    assert s(99) == pytest.approx(0.001)  # the last step reaches min_lr
+    mid = 10 + 89 / 2
+    assert sched(name="cosine", min_lr=0.001, warmup_steps=10)(int(mid)) == pytest.approx(
+        0.001 + 0.099 * (1 + math.cos(math.pi * (int(mid) - 10) / 89)) / 2)
+
+
+@pytest.mark.parametrize("name,kw,torch_cls,torch_kw", [
+    ("step", dict(gamma=0.5, step_size=2), torch.optim.lr_scheduler.StepLR, dict(step_size=2, gamma=0.5)),
+    ("multistep", dict(gamma=0.3, milestones=(3, 7)), torch.optim.lr_scheduler.MultiStepLR,
+     dict(milestones=[3, 7], gamma=0.3)),
+    ("exponential", dict(gamma=0.8), torch.optim.lr_scheduler.ExponentialLR, dict(gamma=0.8)),
+])
+def test_epoch_schedules_match_torch(name, kw, torch_cls, torch_kw):
+    s = sched(name=name, **kw)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    ref = torch_cls(opt, **torch_kw)
+    for epoch in range(10):
+        assert s(epoch * 10) == pytest.approx(opt.param_groups[0]["lr"]), epoch
+        assert s(epoch * 10 + 9) == pytest.approx(opt.param_groups[0]["lr"]), epoch
+        opt.step()
+        ref.step()
+
+
+def test_onecycle_matches_torch_per_step():
+    total = 100
+    s = sched(name="onecycle", pct_start=0.25, div_factor=10.0, final_div_factor=100.0, total=total)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total, pct_start=0.25,
+                                              div_factor=10.0, final_div_factor=100.0, cycle_momentum=False)
+    for step in range(total):
+        assert s(step) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-12), step
+        opt.step()
+        ref.step()
+    assert s(0) == pytest.approx(0.01) and s(total - 1) == pytest.approx(0.1 / 10 / 100)
+
+
+def test_cosine_matches_torch_without_warmup():
+    total = 50
+    s = sched(name="cosine", min_lr=0.002, total=total)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - 1, eta_min=0.002)
+    for step in range(total):
+        assert s(step) == pytest.approx(opt.param_groups[0]["lr"]), step
+        opt.step()
+        ref.step()
