@@ -50,6 +50,10 @@ FUSED_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "adam", "adamw")  
 SCHEDULES = ("constant", "step", "multistep", "exponential", "cosine", "onecycle")
 LOSSES = ("cross_entropy", "mse")
 METRICS = ("val_accuracy", "val_loss", "train_loss")
+PRECISIONS = ("auto", "fp32", "bf16", "tf32")
+COMPILES = ("auto", "none", "graph", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# optimisers whose CUDA step can be captured in a graph with the lr as a device tensor (fused or capturable)
+GRAPH_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw")
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,12 @@ class TrainConfig:
     grad_clip: Optional[float] = _f(None, "clip the global gradient norm to this; null = no clipping",
                                     gt=0.0, le=1e9, aliases=("clip", "max_grad_norm", "clip_grad_norm"))
     early_stop: EarlyStopConfig = _section(EarlyStopConfig)
+    precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast, fp32 master weights) "
+                                "| tf32 (CUDA matmuls in TF32)", choices=PRECISIONS,
+                        aliases=("dtype", "amp", "mixed_precision"))
+    compile: str = _f("auto", "auto (graph on CUDA, none on CPU) | none (eager) | graph (each step one CUDA "
+                              "graph) | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs "
+                              "(torch.compile modes)", choices=COMPILES, aliases=("mode", "torch_compile", "graph"))
     log_every: int = _f(50, "steps between progress-bar loss updates (each one is a host sync)",
                         ge=1, le=10**9)
 
@@ -213,6 +223,13 @@ def _cross_checks(cfg: Config) -> list[tuple[str, str]]:
     if cfg.optim.impl == "fused" and cfg.optim.name not in FUSED_OPTIMIZERS:
         bad.append(("optim.impl", f"torch has no fused {cfg.optim.name}; fused exists for "
                                   f"{', '.join(FUSED_OPTIMIZERS)} (use auto or foreach)"))
+    if cfg.train.compile == "graph" and cfg.optim.name not in GRAPH_OPTIMIZERS:
+        bad.append(("train.compile", f"graph mode cannot capture {cfg.optim.name} (no fused or capturable CUDA "
+                                     f"step in torch); use compile: none or auto, or one of "
+                                     f"{', '.join(GRAPH_OPTIMIZERS)}"))
+    if cfg.train.compile == "graph" and cfg.optim.impl in ("foreach", "for_loop"):
+        bad.append(("optim.impl", f"{cfg.optim.impl} cannot be captured in a CUDA graph with a moving lr; graph "
+                                  f"mode picks fused or capturable kernels itself (use auto)"))
     return bad
 
 

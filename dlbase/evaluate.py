@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlbase.data import DeviceSplit, normalize
+from dlbase.data import DeviceSplit
 from dlbase.loss import LossFn
 
 
@@ -21,7 +21,7 @@ def evaluate(model: nn.Module, split: DeviceSplit, loss_fn: Optional[LossFn] = N
     loss_sum = torch.zeros((), device=split.x.device)
     correct = torch.zeros((), device=split.x.device, dtype=torch.long)
     for start in range(0, len(split), batch_size):
-        xb = normalize(split.x[start:start + batch_size])
+        xb = split.x[start:start + batch_size].float()  # (B, D); eval runs in fp32 whatever trained
         yb = split.y[start:start + batch_size]
         logits = model(xb).float()
         loss_sum += loss_fn(logits, yb) * yb.shape[0]

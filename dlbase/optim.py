@@ -56,9 +56,15 @@ OPTIMIZER_PARAMS = {
 }
 
 
-def _impl_kwargs(cfg: OptimConfig, device: torch.device) -> dict:
-    """fused / foreach / for_loop flags. auto: torch's fused kernel on CUDA where it exists, else its default."""
+def _impl_kwargs(cfg: OptimConfig, device: torch.device, graph: bool) -> dict:
+    """fused / foreach / for_loop flags. auto: torch's fused kernel on CUDA where it exists, else its default.
+
+    graph: the step will be captured in a CUDA graph with the lr as a device tensor, which needs torch's
+    fused kernel or its capturable foreach one (the config refuses optimisers that have neither).
+    """
     impl = cfg.impl
+    if graph:
+        return {"fused": True} if cfg.name in FUSED_OPTIMIZERS else {"capturable": True, "foreach": True}
     if impl == "auto":
         impl = "fused" if device.type == "cuda" and cfg.name in FUSED_OPTIMIZERS else "default"
     if impl == "fused":
@@ -71,8 +77,8 @@ def _impl_kwargs(cfg: OptimConfig, device: torch.device) -> dict:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig,
-                    device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.name](list(params), cfg, _impl_kwargs(cfg, device))
+                    device: torch.device = torch.device("cpu"), graph: bool = False) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.name](list(params), cfg, _impl_kwargs(cfg, device, graph))
 
 
 class Schedule:

@@ -17,14 +17,16 @@ from tqdm.auto import tqdm
 
 from dlbase import checkpoint
 from dlbase.config import Config, config_from_dict, to_dict, to_yaml
-from dlbase.data import Batcher, Dataset, load_dataset, normalize
+from dlbase.data import Batcher, Dataset, load_dataset
+from dlbase.engine import Engine, plan, set_matmul_precision
 from dlbase.errors import CheckpointError, ConfigError
 from dlbase.evaluate import evaluate
 from dlbase.model import MLP
 from dlbase.loss import build_eval_loss, build_loss
 from dlbase.optim import build_optimizer, build_schedule
 
-METRICS_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_accuracy", "lr", "seconds")
+# seconds: the whole epoch (training, validation, checkpoints); train_seconds: the training steps alone
+METRICS_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_accuracy", "lr", "seconds", "train_seconds")
 
 
 def seed_everything(seed: int) -> None:
@@ -104,6 +106,7 @@ class RunResult:
     best_value: float
     best_epoch: int
     last_metrics: dict
+    train_seconds: float = 0.0  # the training steps of this call (no validation, checkpoints or start-up)
 
 
 def _rng_state(batcher: Batcher, device: torch.device) -> dict:
@@ -118,6 +121,10 @@ def _restore_rng(state: dict, batcher: Batcher, device: torch.device) -> None:
     batcher.generator.set_state(state["batcher"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _no_op(step: int) -> None:
+    pass
 
 
 class Monitor:
@@ -156,13 +163,15 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
           log: Callable[[str], None] = print) -> RunResult:
     """Train cfg from scratch, or continue the run that resume_payload (loaded from `resume`) came from."""
     device = resolve_device(cfg.device)
+    run_plan = plan(cfg.train, device, cfg.model.encoding.name)
+    set_matmul_precision(run_plan, device)
     seed_everything(cfg.seed)
-    data: Dataset = load_dataset(cfg.data, cfg.seed, device)  # first: a missing dataset leaves no empty folder
+    data: Dataset = load_dataset(cfg.data, cfg.seed, device, run_plan.data_dtype)  # first: no empty run folder
     folder = resume.parent if resume is not None else new_run_dir(cfg)
     check_writable(folder)  # before any training time is spent
 
     model = build_model(cfg, data.input_shape, device)
-    optimizer = build_optimizer(model.parameters(), cfg.optim, device)
+    optimizer = build_optimizer(model.parameters(), cfg.optim, device, graph=run_plan.compile == "graph")
     batcher = Batcher(len(data.train), cfg.train.batch_size, device, cfg.seed)
     steps_per_epoch = len(batcher)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
@@ -170,7 +179,6 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
     schedule = build_schedule(cfg.schedule, cfg.optim.lr, steps_per_epoch, total_steps)
     loss_fn = build_loss(cfg.train.loss, cfg.model.output, cfg.train.label_smoothing)
     eval_loss = build_eval_loss(cfg.train.loss, cfg.model.output)
-    params = [p for p in model.parameters() if p.requires_grad]
     monitor = Monitor(cfg, data.val is not None)
     start_epoch, step = 0, 0
     metrics_path = folder / "metrics.csv"
@@ -199,50 +207,41 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
     (folder / "config.yaml").write_text(to_yaml(cfg))
     log(f"run folder: {folder}  (config.yaml, metrics.csv, last.ckpt, best.ckpt)")
     log(f"data: {data.folder}  train {len(data.train)}, val {len(data.val) if data.val else 0}, "
-        f"test {len(data.test)} on {device}")
+        f"test {len(data.test)} on {device}  ({run_plan.describe()})")
 
+    engine = Engine(model, optimizer, loss_fn, data.train, cfg.train, schedule, device, run_plan)
     show_bar = sys.stderr.isatty()  # a live bar only on a terminal; logs and CI get the epoch lines alone
     epoch = start_epoch
+    train_seconds = 0.0
     for epoch in range(start_epoch + 1, epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        loss_sum = torch.zeros((), device=device)  # summed over samples; read once at the epoch's end
-        seen = 0
-        bar = tqdm(total=min(steps_per_epoch, total_steps - step), desc=f"epoch {epoch}/{epochs}", leave=False,
-                   disable=not show_bar, unit="step")
-        for idx in batcher.epoch():
-            if step >= total_steps:
-                break
-            lr = schedule(step)  # a host float: setting it costs no sync
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            xb = normalize(data.train.x[idx])  # (B, 784) float in [0, 1]
-            yb = data.train.y[idx]  # (B,)
-            loss = loss_fn(model(xb), yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)  # returns a device tensor: no sync
-            optimizer.step()
-            loss_sum += loss.detach() * idx.shape[0]
-            seen += idx.shape[0]
-            step += 1
-            if show_bar:
-                bar.update(1)
-                if step % cfg.train.log_every == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}")  # note: CPU-GPU sync, per log interval
+        n_steps = min(steps_per_epoch, total_steps - step)
+        perm = batcher.perm()  # (N,) on the device; drawn every epoch, even a partial last one
+        seen = min(len(data.train), n_steps * cfg.train.batch_size)
+        bar = tqdm(total=n_steps, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not show_bar, unit="step")
+
+        def on_step(s: int) -> None:  # host-only bookkeeping; a sync only on a terminal, once per log interval
+            bar.update(1)
+            if (s + 1) % cfg.train.log_every == 0 and engine.last_loss is not None:
+                bar.set_postfix(loss=f"{engine.last_loss.item():.4f}", lr=f"{schedule(s):.3g}")  # note: sync
+
+        engine.epoch(perm, step, n_steps, on_step if show_bar else _no_op)
+        step += n_steps
+        lr = schedule(step - 1)
         bar.close()
 
         # ---- epoch boundary: the host syncs below are where they belong
-        train_loss = loss_sum.item() / max(1, seen)
+        train_loss = engine.take_loss_sum().item() / max(1, seen)  # note: CPU-GPU sync, once per epoch
+        epoch_train_seconds = time.perf_counter() - t0
+        train_seconds += epoch_train_seconds
         val = evaluate(model, data.val, eval_loss) if data.val is not None else None
-        seconds = time.perf_counter() - t0
         metrics = {"train_loss": train_loss, **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
                                                 if val else {})}
         rows.append({"epoch": epoch, "step": step, "train_loss": f"{train_loss:.6f}",
                      "val_loss": f"{val['loss']:.6f}" if val else "",
                      "val_accuracy": f"{val['accuracy']:.6f}" if val else "",
-                     "lr": f"{lr:.6g}", "seconds": f"{seconds:.3f}"})
+                     "lr": f"{lr:.6g}", "seconds": "", "train_seconds": f"{epoch_train_seconds:.4f}"})
         improved = monitor.update(metrics, epoch)
         payload = {
             "format_version": checkpoint.FORMAT_VERSION,
@@ -259,6 +258,8 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
         checkpoint.save(folder / "last.ckpt", payload)
         if improved:
             checkpoint.save(folder / "best.ckpt", payload)
+        seconds = time.perf_counter() - t0
+        rows[-1]["seconds"] = f"{seconds:.3f}"
         _write_metrics(metrics_path, rows)
         val_text = f"  val_loss {val['loss']:.4f}  val_acc {100 * val['accuracy']:.2f}%" if val else ""
         log(f"epoch {epoch}/{epochs}  train_loss {train_loss:.4f}{val_text}  lr {lr:.3g}  {seconds:.1f}s"
@@ -268,9 +269,10 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
                 f"(train.early_stop.patience={monitor.patience})")
             break
 
-    log(f"done: {monitor.describe()} -> {folder / 'best.ckpt'}")
+    log(f"done: {monitor.describe()} -> {folder / 'best.ckpt'}  (training steps {train_seconds:.2f}s)")
     log(f"test it: dlbase eval {folder / 'best.ckpt'}")
-    return RunResult(folder, epoch, monitor.metric, monitor.value, monitor.epoch, rows[-1] if rows else {})
+    return RunResult(folder, epoch, monitor.metric, monitor.value, monitor.epoch, rows[-1] if rows else {},
+                     train_seconds)
 
 
 def _load_model_state(model: torch.nn.Module, state: dict, path: Optional[Path]) -> None:

@@ -67,10 +67,11 @@ def test_load_dataset_split_and_shapes(tiny_data):
     d = load_dataset(cfg(tiny_data), seed=0, device=torch.device("cpu"))
     assert d.input_shape == (28, 28)
     assert len(d.train) == 550 and len(d.val) == 50 and len(d.test) == 200
-    assert d.train.x.dtype == torch.uint8 and d.train.x.shape == (550, 784)
+    assert d.train.x.dtype == torch.float32 and d.train.x.shape == (550, 784)
+    assert d.train.x.min() >= 0 and d.train.x.max() <= 1  # normalised once, at load: p = x / 255
     # the validation split is seeded and disjoint from training: together they are the training file
     images, labels = synthetic_digits(600, seed=1)
-    flat = images.reshape(600, -1)
+    flat = images.reshape(600, -1).float() / 255
     rows = {tuple(r.tolist()) for r in flat}
     got = [tuple(r.tolist()) for r in torch.cat([d.train.x, d.val.x])]
     assert len(got) == 600 and set(got) == rows

@@ -23,7 +23,8 @@ def test_train_writes_run_folder(tiny_config, tmp_path):
     assert {p.name for p in folder.iterdir()} == {"config.yaml", "metrics.csv", "last.ckpt", "best.ckpt"}
     assert load_config(folder / "config.yaml") == cfg
     rows = (folder / "metrics.csv").read_text().splitlines()
-    assert rows[0].split(",") == ["epoch", "step", "train_loss", "val_loss", "val_accuracy", "lr", "seconds"]
+    assert rows[0].split(",") == ["epoch", "step", "train_loss", "val_loss", "val_accuracy", "lr", "seconds",
+                                  "train_seconds"]
     assert len(rows) == 4 and rows[-1].startswith("3,30,")  # 500 training samples / batch 50 = 10 steps an epoch
     last = checkpoint.load(folder / "last.ckpt")
     assert last["epoch"] == 3 and last["step"] == 30 and last["config"]["name"] == "tiny"
@@ -54,7 +55,7 @@ def test_resume_is_bit_identical_to_uninterrupted(tiny_config, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows_a = (tmp_path / "a" / "tiny" / "metrics.csv").read_text().splitlines()
     rows_b = (tmp_path / "b" / "tiny" / "metrics.csv").read_text().splitlines()
-    strip = [lambda rows: [",".join(r.split(",")[:-1]) for r in rows]][0]  # all but the seconds column
+    strip = [lambda rows: [",".join(r.split(",")[:-2]) for r in rows]][0]  # all but the timing columns
     assert strip(rows_a) == strip(rows_b)
 
 

@@ -1,0 +1,166 @@
+"""How training steps run: eager, torch.compile, or whole-step CUDA graphs; precision; no host syncs inside.
+
+An Engine trains one epoch at a time over a device-resident split whose x is already normalised. The loss of
+every step is summed into a device tensor that the loop reads once per epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from dlbase.config import TrainConfig
+from dlbase.data import DeviceSplit
+from dlbase.errors import ConfigError
+from dlbase.loss import LossFn
+from dlbase.optim import Schedule
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS workspaces, optimiser state)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved execution choices for a run (what `auto` became on this device)."""
+    precision: str  # fp32 | bf16 | tf32
+    compile: str  # none | graph | a torch.compile mode
+    data_dtype: torch.dtype  # how the normalised inputs are stored on the device
+
+    def describe(self) -> str:
+        return f"precision {self.precision}, compile {self.compile}"
+
+
+def plan(cfg: TrainConfig, device: torch.device, encoding: str) -> Plan:
+    """Resolve train.precision and train.compile for this device, refusing what cannot run here."""
+    cuda = device.type == "cuda"
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
+    mode = cfg.compile if cfg.compile != "auto" else ("graph" if cuda else "none")
+    if precision == "tf32" and not cuda:
+        raise ConfigError(f"train.precision: tf32 is a CUDA matmul mode; the device is {device} (use fp32)")
+    if mode == "graph" and not cuda:
+        raise ConfigError(f"train.compile: graph captures CUDA graphs; the device is {device} (use none, or a "
+                          f"torch.compile mode)")
+    # bf16 inputs save a cast per step; encodings compute sin/cos of p and want fp32 inputs
+    data_dtype = torch.bfloat16 if precision == "bf16" and encoding == "none" and cuda else torch.float32
+    return Plan(precision, mode, data_dtype)
+
+
+def set_matmul_precision(p: Plan, device: torch.device) -> None:
+    """fp32 means fp32: TF32 matmuls only when train.precision is tf32. (torch keeps this process-wide.)"""
+    if device.type == "cuda":
+        tf32 = p.precision == "tf32"
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+            torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        else:  # pragma: no cover - older torch
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _autocast(p: Plan, device: torch.device):
+    if p.precision == "bf16":
+        # no weight-cast cache: each step's context is new anyway, and a cache must not outlive a graph capture
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+class Engine:
+    """Runs training steps; `epoch(perm, ...)` trains over the batches of one permutation.
+
+    Eager and torch.compile modes launch each step from Python. Graph mode captures the whole step (gather,
+    forward, loss, backward, clipping, optimiser update, loss accumulation) as one CUDA graph over static
+    index and lr tensors; each step then costs the host one index copy, one lr fill (only when the lr moves)
+    and one replay, and the GPU the step's own kernels. A smaller last batch runs eagerly on the same tensors.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, split: DeviceSplit,
+                 cfg: TrainConfig, schedule: Schedule, device: torch.device, run_plan: Plan):
+        self.model, self.optimizer, self.loss_fn, self.split = model, optimizer, loss_fn, split
+        self.cfg, self.schedule, self.device, self.plan = cfg, schedule, device, run_plan
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.loss_sum = torch.zeros((), device=device)  # sum over samples of the per-sample loss, this epoch
+        self.forward = model
+        if run_plan.compile in COMPILE_MODES:
+            self.forward = torch.compile(model, mode=run_plan.compile)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.constant_lr = schedule.cfg.name == "constant" and schedule.cfg.warmup_steps == 0
+        if run_plan.compile == "graph":
+            # the lr lives on the device so the captured optimiser kernels read it; we fill it between replays
+            self.lr = torch.tensor(schedule(0), device=device)
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
+            self.static_idx = torch.zeros(cfg.batch_size, dtype=torch.long, device=device)
+        self.last_loss: Optional[torch.Tensor] = None
+
+    # ---- one step, as code (eager, compiled, or being captured)
+    def _step(self, idx: torch.Tensor, n: int) -> None:
+        x = self.split.x.index_select(0, idx)  # (B, D), already normalised
+        y = self.split.y.index_select(0, idx)  # (B,)
+        with _autocast(self.plan, self.device):
+            logits = self.forward(x)
+        loss = self.loss_fn(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=self.device.type == "cuda")
+        self.optimizer.step()
+        self.loss_sum.add_(loss.detach(), alpha=n)
+        self.last_loss = loss.detach()
+
+    def _set_lr(self, step: int) -> None:
+        lr = self.schedule(step)  # a host float from the closed form: no sync
+        if self.plan.compile == "graph":
+            if not self.constant_lr:
+                self.lr.fill_(lr)  # a scalar fill kernel, no host-device copy
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
+    def _capture(self, perm: torch.Tensor, step: int, on_step: Callable[[int], None]) -> int:
+        """Warm up eagerly on a side stream (real steps), then capture one step. Returns steps taken."""
+        B = self.cfg.batch_size
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for k in range(GRAPH_WARMUP_STEPS):
+                self._set_lr(step + k)
+                self.static_idx.copy_(perm[k * B:(k + 1) * B])
+                self._step(self.static_idx, B)
+                on_step(step + k)
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records only: nothing below runs now
+            self._step(self.static_idx, B)
+        return GRAPH_WARMUP_STEPS
+
+    def epoch(self, perm: torch.Tensor, step: int, n_steps: int, on_step: Callable[[int], None]) -> None:
+        """Train n_steps batches (slices of perm, in order) starting at global step `step`.
+
+        on_step(global_step) is called after each step is launched (for the progress bar: host only).
+        """
+        B = self.cfg.batch_size
+        n = perm.shape[0]
+        k = 0
+        if self.plan.compile == "graph":
+            full = min(n_steps, n // B)  # steps with a whole batch; a smaller last batch runs eagerly
+            if self.graph is None and full > GRAPH_WARMUP_STEPS:
+                k = self._capture(perm, step, on_step)
+            if self.graph is not None:
+                for k in range(k, full):
+                    self._set_lr(step + k)
+                    self.static_idx.copy_(perm[k * B:(k + 1) * B])  # device-to-device, async
+                    self.graph.replay()
+                    on_step(step + k)
+                k = full
+        for k in range(k, n_steps):
+            self._set_lr(step + k)
+            idx = perm[k * B:(k + 1) * B]
+            self._step(idx, idx.shape[0])
+            on_step(step + k)
+
+    def take_loss_sum(self) -> torch.Tensor:
+        """The epoch's summed loss (a device tensor), and a fresh zero for the next epoch."""
+        out = self.loss_sum.clone()
+        self.loss_sum.zero_()
+        return out
