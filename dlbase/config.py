@@ -52,8 +52,9 @@ LOSSES = ("cross_entropy", "mse")
 METRICS = ("val_accuracy", "val_loss", "train_loss")
 PRECISIONS = ("auto", "fp32", "bf16", "tf32")
 COMPILES = ("auto", "none", "graph", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# optimisers whose CUDA step can be captured in a graph with the lr as a device tensor (fused or capturable)
-GRAPH_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw")
+# optimisers whose CUDA step can be captured in a graph with the lr as a device tensor (fused or capturable);
+# torch's Adagrad has no capturable step, so it runs eagerly (train.compile: auto) or is refused (graph)
+GRAPH_OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adadelta", "adam", "adamw")
 
 
 @dataclass(frozen=True)

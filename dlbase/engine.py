@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from dlbase.config import TrainConfig
+from dlbase.config import GRAPH_OPTIMIZERS, TrainConfig
 from dlbase.data import DeviceSplit
 from dlbase.errors import ConfigError
 from dlbase.loss import LossFn
@@ -33,11 +33,13 @@ class Plan:
         return f"precision {self.precision}, compile {self.compile}"
 
 
-def plan(cfg: TrainConfig, device: torch.device, encoding: str) -> Plan:
+def plan(cfg: TrainConfig, device: torch.device, encoding: str, optimizer: str = "adam") -> Plan:
     """Resolve train.precision and train.compile for this device, refusing what cannot run here."""
     cuda = device.type == "cuda"
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
-    mode = cfg.compile if cfg.compile != "auto" else ("graph" if cuda else "none")
+    mode = cfg.compile
+    if mode == "auto":
+        mode = "graph" if cuda and optimizer in GRAPH_OPTIMIZERS else "none"
     if precision == "tf32" and not cuda:
         raise ConfigError(f"train.precision: tf32 is a CUDA matmul mode; the device is {device} (use fp32)")
     if mode == "graph" and not cuda:

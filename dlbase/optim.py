@@ -64,7 +64,10 @@ def _impl_kwargs(cfg: OptimConfig, device: torch.device, graph: bool) -> dict:
     """
     impl = cfg.impl
     if graph:
-        return {"fused": True} if cfg.name in FUSED_OPTIMIZERS else {"capturable": True, "foreach": True}
+        if cfg.name in ("sgd", "momentum", "nesterov"):
+            return {"fused": True}  # torch's fused SGD takes a device lr and has no host-side state
+        return {"fused": True, "capturable": True} if cfg.name in ("adam", "adamw") else {"capturable": True,
+                                                                                          "foreach": True}
     if impl == "auto":
         impl = "fused" if device.type == "cuda" and cfg.name in FUSED_OPTIMIZERS else "default"
     if impl == "fused":

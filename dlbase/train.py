@@ -163,7 +163,7 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
           log: Callable[[str], None] = print) -> RunResult:
     """Train cfg from scratch, or continue the run that resume_payload (loaded from `resume`) came from."""
     device = resolve_device(cfg.device)
-    run_plan = plan(cfg.train, device, cfg.model.encoding.name)
+    run_plan = plan(cfg.train, device, cfg.model.encoding.name, cfg.optim.name)
     set_matmul_precision(run_plan, device)
     seed_everything(cfg.seed)
     data: Dataset = load_dataset(cfg.data, cfg.seed, device, run_plan.data_dtype)  # first: no empty run folder

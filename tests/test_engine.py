@@ -122,3 +122,14 @@ def test_default_config_memory_under_1gib(mnist_root, tmp_path):
     peak = torch.cuda.max_memory_allocated()
     print(f"peak GPU memory, default config: {peak / 2**20:.1f} MiB")
     assert peak < 2**30
+
+
+def test_auto_plan_on_cuda_runs_adagrad_eagerly(tiny_config):
+    from dlbase.engine import plan
+    cfg = load_config(tiny_config)
+    assert plan(cfg.train, torch.device("cuda"), "none", "adam").compile == "graph"
+    assert plan(cfg.train, torch.device("cuda"), "none", "adagrad").compile == "none"
+    assert plan(cfg.train, torch.device("cuda"), "none", "adam").data_dtype == torch.bfloat16
+    assert plan(cfg.train, torch.device("cuda"), "fourier", "adam").data_dtype == torch.float32
+    with pytest.raises(ConfigError, match="graph mode cannot capture adagrad"):
+        load_config(tiny_config, ["train.compile=graph", "optim.name=adagrad"])
