@@ -293,7 +293,8 @@ def load_dataset(cfg, seed: int, device: torch.device, dtype: torch.dtype = torc
 
 def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 pixels -> p = x / 255 in [0, 1], the model's input, on x's device. (N, D) -> (N, D) dtype."""
-    return x.to(torch.float32).div_(255.0).to(dtype).contiguous()
+    # integers 0-255 are exact in bf16 and fp32, and the division rounds once: no float32 temporary for bf16
+    return x.to(dtype).div_(255.0).contiguous()
 
 
 class Batcher:

