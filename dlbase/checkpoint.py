@@ -1,6 +1,7 @@
 """Checkpoint files: save() atomically, load() safely (weights_only), FORMAT_VERSION."""
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
@@ -47,17 +48,21 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    buf = io.BytesIO()
+    torch.save(payload, buf)  # serialise in memory first: a full disk then fails a plain write with ENOSPC
     try:
         with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
+            fh.write(buf.getbuffer())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # OSError (disk full, permissions) or an interrupt: never leave a temp file
         try:
             tmp.unlink()
         except OSError:
             pass
+        if not isinstance(e, OSError):
+            raise
         raise CheckpointError(f"{path}: cannot write checkpoint: {e.strerror or e}; "
                               f"the previous checkpoints are untouched") from None
     _fsync_dir(path.parent)

@@ -57,7 +57,13 @@ def train(
         raise DlbaseError("train: --config PATH is required (or --resume CKPT); see dlbase train --help")
     else:
         cfg = load_config(config, set_)
-    training.train(cfg, resume=resume, resume_payload=payload)
+    try:
+        result = training.train(cfg, resume=resume, resume_payload=payload)
+    except KeyboardInterrupt:  # a second Ctrl-C: the checkpoints on disk are whole (atomic writes)
+        typer.echo("interrupted: stopped at once; the last checkpoint on disk is intact", err=True)
+        raise typer.Exit(130) from None
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
 
 
 @app.command("eval")

@@ -184,6 +184,9 @@ class CheckpointConfig:
     """Where run folders and .ckpt files go."""
     dir: str = _f("checkpoints", "parent folder of run folders: files go to <dir>/<name>/",
                   aliases=("path", "root", "directory"))
+    every_steps: Optional[int] = _f(None, "also write last.ckpt every N optimiser steps, mid-epoch; null = at "
+                                          "epoch ends only", ge=1, le=10**9,
+                                    aliases=("every", "save_every", "interval", "every_n_steps"))
 
 
 @dataclass(frozen=True)

@@ -145,47 +145,56 @@ class Engine:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
 
-    def _capture(self, perm: torch.Tensor, step: int, on_step: Callable[[int], None]) -> int:
-        """Warm up eagerly on a side stream (real steps), then capture one step. Returns steps taken."""
+    def _capture(self, perm: torch.Tensor, k0: int, step: int, on_step: Callable[[int], None]) -> int:
+        """Warm up eagerly on a side stream (real steps: batches k0.. of perm, global steps step..), then
+        capture one step. Returns the steps taken."""
         B = self.cfg.batch_size
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
-            for k in range(GRAPH_WARMUP_STEPS):
-                self._set_lr(step + k)
-                self.static_idx.copy_(perm[k * B:(k + 1) * B])
+            for j in range(GRAPH_WARMUP_STEPS):
+                self._set_lr(step + j)
+                self.static_idx.copy_(perm[(k0 + j) * B:(k0 + j + 1) * B])
                 self._step(self.static_idx, B)
-                on_step(step + k)
+                on_step(step + j)
         torch.cuda.current_stream(self.device).wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # records only: nothing below runs now
             self._step(self.static_idx, B)
         return GRAPH_WARMUP_STEPS
 
-    def epoch(self, perm: torch.Tensor, step: int, n_steps: int, on_step: Callable[[int], None]) -> None:
-        """Train n_steps batches (slices of perm, in order) starting at global step `step`.
+    def epoch(self, perm: torch.Tensor, step: int, start: int, stop: int, on_step: Callable[[int], None],
+              should_stop: Callable[[], bool] = lambda: False) -> int:
+        """Train batches start..stop-1 of perm (batch k is perm[k*B:(k+1)*B]); batch `start` is global step `step`.
 
-        on_step(global_step) is called after each step is launched (for the progress bar: host only).
+        on_step(global_step) runs after each step is launched (host only: the progress bar); should_stop() is
+        asked before each step (a host flag, e.g. a signal) and ends the call early. Returns batches trained.
         """
         B = self.cfg.batch_size
         n = perm.shape[0]
-        k = 0
+        k = start
         if self.plan.compile == "graph":
-            full = min(n_steps, n // B)  # steps with a whole batch; a smaller last batch runs eagerly
-            if self.graph is None and full > GRAPH_WARMUP_STEPS:
-                k = self._capture(perm, step, on_step)
+            full = min(stop, n // B)  # whole batches; a smaller last batch runs eagerly
+            if self.graph is None and full - k > GRAPH_WARMUP_STEPS and not should_stop():
+                k += self._capture(perm, k, step + k - start, on_step)
             if self.graph is not None:
-                for k in range(k, full):
-                    self._set_lr(step + k)
+                while k < full and not should_stop():
+                    self._set_lr(step + k - start)
                     self.static_idx.copy_(perm[k * B:(k + 1) * B])  # device-to-device, async
                     self.graph.replay()
-                    on_step(step + k)
-                k = full
-        for k in range(k, n_steps):
-            self._set_lr(step + k)
+                    on_step(step + k - start)
+                    k += 1
+        while k < stop and not should_stop():
+            self._set_lr(step + k - start)
             idx = perm[k * B:(k + 1) * B]
             self._step(idx, idx.shape[0])
-            on_step(step + k)
+            on_step(step + k - start)
+            k += 1
+        return k - start
+
+    def set_loss_sum(self, value: float) -> None:
+        """Restore a partial epoch's summed loss (resuming mid-epoch)."""
+        self.loss_sum.fill_(value)
 
     def take_loss_sum(self) -> torch.Tensor:
         """The epoch's summed loss (a device tensor), and a fresh zero for the next epoch."""

@@ -5,6 +5,7 @@ import csv
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -19,11 +20,12 @@ from dlbase import checkpoint
 from dlbase.config import Config, config_from_dict, to_dict, to_yaml
 from dlbase.data import Batcher, Dataset, load_dataset
 from dlbase.engine import Engine, plan, set_matmul_precision
-from dlbase.errors import CheckpointError, ConfigError
+from dlbase.errors import CheckpointError, ConfigError, TrainingDiverged
 from dlbase.evaluate import evaluate
 from dlbase.model import MLP
 from dlbase.loss import build_eval_loss, build_loss
 from dlbase.optim import build_optimizer, build_schedule
+from dlbase.preempt import Preemption
 
 # seconds: the whole epoch (training, validation, checkpoints); train_seconds: the training steps alone
 METRICS_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_accuracy", "lr", "seconds", "train_seconds")
@@ -79,13 +81,25 @@ def check_writable(folder: Path) -> None:
         raise CheckpointError(f"checkpoint.dir: cannot write to {folder}: {e.strerror or e}") from None
 
 
+def _write_atomic(path: Path, write: Callable) -> None:
+    """Write a small run file through a temp file and os.replace; a full disk is a clear error, not a trace."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", newline="") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: cannot write: {e.strerror or e}; the checkpoints already on disk are "
+                              f"untouched") from None
+
+
 def _write_metrics(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    def write(fh):
         w = csv.DictWriter(fh, fieldnames=METRICS_FIELDS)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
+    _write_atomic(path, write)
 
 
 def _read_metrics(path: Path, upto_epoch: int) -> list[dict]:
@@ -107,6 +121,8 @@ class RunResult:
     best_epoch: int
     last_metrics: dict
     train_seconds: float = 0.0  # the training steps of this call (no validation, checkpoints or start-up)
+    status: str = "finished"  # finished | early_stopped | preempted
+    exit_code: int = 0  # 143 (SIGTERM) or 130 (SIGINT) when preempted
 
 
 def _rng_state(batcher: Batcher, device: torch.device) -> dict:
@@ -194,7 +210,7 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{resume}: optimizer state does not fit optim.name={cfg.optim.name} "
                                   f"({e})") from None
-        _restore_rng(resume_payload["rng"], batcher, device)
+        _restore_rng(resume_payload["rng"], batcher, device)  # mid-epoch: the batcher's state at epoch start
         start_epoch, step = int(resume_payload["epoch"]), int(resume_payload["step"])
         monitor = Monitor(cfg, data.val is not None, resume_payload["best"])
         rows = _read_metrics(metrics_path, start_epoch)
@@ -204,7 +220,7 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
         log(f"nothing to do: the run in {folder} {why}; raise train.epochs or train.max_steps "
             f"(--set train.epochs=N) to train on")
         return RunResult(folder, start_epoch, monitor.metric, monitor.value, monitor.epoch, rows[-1] if rows else {})
-    (folder / "config.yaml").write_text(to_yaml(cfg))
+    _write_atomic(folder / "config.yaml", lambda fh: fh.write(to_yaml(cfg)))
     log(f"run folder: {folder}  (config.yaml, metrics.csv, last.ckpt, best.ckpt)")
     log(f"data: {data.folder}  train {len(data.train)}, val {len(data.val) if data.val else 0}, "
         f"test {len(data.test)} on {device}  ({run_plan.describe()})")
@@ -212,40 +228,14 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
     engine = Engine(model, optimizer, loss_fn, data.train, cfg.train, schedule, device, run_plan)
     if engine.prewarm():
         log(f"start-up: CUDA kernels loaded on a throwaway copy in {engine.prewarm_seconds:.2f}s")
-    show_bar = sys.stderr.isatty()  # a live bar only on a terminal; logs and CI get the epoch lines alone
-    epoch = start_epoch
-    train_seconds = 0.0
-    for epoch in range(start_epoch + 1, epochs + 1):
-        t0 = time.perf_counter()
-        model.train()
-        n_steps = min(steps_per_epoch, total_steps - step)
-        perm = batcher.perm()  # (N,) on the device; drawn every epoch, even a partial last one
-        seen = min(len(data.train), n_steps * cfg.train.batch_size)
-        bar = tqdm(total=n_steps, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not show_bar, unit="step")
+    in_epoch = (resume_payload or {}).get("in_epoch")  # a mid-epoch checkpoint: where in its epoch we were
+    if in_epoch:
+        engine.set_loss_sum(float(in_epoch["loss_sum"]))
 
-        def on_step(s: int) -> None:  # host-only bookkeeping; a sync only on a terminal, once per log interval
-            bar.update(1)
-            if (s + 1) % cfg.train.log_every == 0 and engine.last_loss is not None:
-                bar.set_postfix(loss=f"{engine.last_loss.item():.4f}", lr=f"{schedule(s):.3g}")  # note: sync
-
-        engine.epoch(perm, step, n_steps, on_step if show_bar else _no_op)
-        step += n_steps
-        lr = schedule(step - 1)
-        bar.close()
-
-        # ---- epoch boundary: the host syncs below are where they belong
-        train_loss = engine.take_loss_sum().item() / max(1, seen)  # note: CPU-GPU sync, once per epoch
-        epoch_train_seconds = time.perf_counter() - t0
-        train_seconds += epoch_train_seconds
-        val = evaluate(model, data.val, eval_loss) if data.val is not None else None
-        metrics = {"train_loss": train_loss, **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-                                                if val else {})}
-        rows.append({"epoch": epoch, "step": step, "train_loss": f"{train_loss:.6f}",
-                     "val_loss": f"{val['loss']:.6f}" if val else "",
-                     "val_accuracy": f"{val['accuracy']:.6f}" if val else "",
-                     "lr": f"{lr:.6g}", "seconds": "", "train_seconds": f"{epoch_train_seconds:.4f}"})
-        improved = monitor.update(metrics, epoch)
-        payload = {
+    def payload(epoch: int, metrics: dict, epoch_rng: Optional[torch.Tensor] = None, batch: int = 0) -> dict:
+        """A checkpoint: plain values and tensors only. epoch: completed epochs. A mid-epoch one also holds
+        the data order's generator state at its epoch's start and the batch to go on from."""
+        out = {
             "format_version": checkpoint.FORMAT_VERSION,
             "config": to_dict(cfg),
             "input_shape": list(data.input_shape),
@@ -257,25 +247,107 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
             "best": monitor.state(),
             "rng": _rng_state(batcher, device),
         }
-        checkpoint.save(folder / "last.ckpt", payload)
-        if improved:
-            checkpoint.save(folder / "best.ckpt", payload)
-        seconds = time.perf_counter() - t0
-        rows[-1]["seconds"] = f"{seconds:.3f}"
-        _write_metrics(metrics_path, rows)
-        val_text = f"  val_loss {val['loss']:.4f}  val_acc {100 * val['accuracy']:.2f}%" if val else ""
-        log(f"epoch {epoch}/{epochs}  train_loss {train_loss:.4f}{val_text}  lr {lr:.3g}  {seconds:.1f}s"
-            f"{'  *best' if improved else ''}")
-        if monitor.should_stop:
-            log(f"early stop: no {monitor.metric} improvement for {monitor.bad_epochs} epochs "
-                f"(train.early_stop.patience={monitor.patience})")
-            break
+        if epoch_rng is not None:
+            out["rng"]["batcher"] = epoch_rng
+            out["in_epoch"] = {"batch": batch, "loss_sum": engine.loss_sum.item()}  # note: sync, at a checkpoint
+        return out
 
+    def check_finite(epoch: int) -> None:
+        """The NaN guard, at every check (checkpoints, epoch ends): stop before anything non-finite is saved."""
+        if not math.isfinite(engine.loss_sum.item()):  # note: CPU-GPU sync, at a boundary
+            kept = (f"{folder / 'last.ckpt'} and best.ckpt keep the last finite weights"
+                    if (folder / "last.ckpt").exists() else "no checkpoint had been written yet")
+            raise TrainingDiverged(
+                f"training loss became non-finite in epoch {epoch} (detected at step {step}, lr "
+                f"{schedule(max(0, step - 1)):.3g}); stopped without saving: {kept}; lower optim.lr or set "
+                f"train.grad_clip")
+
+    show_bar = sys.stderr.isatty()  # a live bar only on a terminal; logs and CI get the epoch lines alone
+    every = cfg.checkpoint.every_steps
+    epoch = start_epoch
+    train_seconds = 0.0
+    status = "finished"
+    with Preemption() as preempt:
+        for epoch in range(start_epoch + 1, epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            first = (epoch - 1) * steps_per_epoch  # global step of this epoch's first batch
+            n_steps = min(steps_per_epoch, total_steps - first)
+            k = step - first  # batches of this epoch already done (a mid-epoch resume), else 0
+            epoch_rng = batcher.generator.get_state()  # the data order's state before this epoch's draw
+            perm = batcher.perm()  # (N,) on the device; drawn every epoch, even a partial last one
+            seen = min(len(data.train), n_steps * cfg.train.batch_size)
+            bar = tqdm(total=n_steps, initial=k, desc=f"epoch {epoch}/{epochs}", leave=False,
+                       disable=not show_bar, unit="step")
+
+            def on_step(s: int) -> None:  # host-only bookkeeping; a sync only on a terminal, per log interval
+                bar.update(1)
+                if (s + 1) % cfg.train.log_every == 0 and engine.last_loss is not None:
+                    bar.set_postfix(loss=f"{engine.last_loss.item():.4f}", lr=f"{schedule(s):.3g}")  # note: sync
+
+            while k < n_steps:
+                # run to the next mid-epoch checkpoint (a multiple of every_steps), the epoch's end, or a signal
+                stop = n_steps if every is None else min(n_steps, k + every - (step % every))
+                done = engine.epoch(perm, step, k, stop, on_step if show_bar else _no_op,
+                                    lambda: preempt.requested)
+                k += done
+                step += done
+                if k < n_steps:  # a mid-epoch boundary: every_steps reached, or asked to stop
+                    check_finite(epoch)
+                    checkpoint.save(folder / "last.ckpt", payload(epoch - 1, {}, epoch_rng, k))
+                    in_epoch = {"batch": k}
+                    if preempt.requested:
+                        break
+            bar.close()
+            if preempt.requested and k < n_steps:
+                status = "preempted"
+                break
+            lr = schedule(step - 1)
+
+            # ---- epoch boundary: the host syncs below are where they belong
+            check_finite(epoch)
+            train_loss = engine.take_loss_sum().item() / max(1, seen)  # note: CPU-GPU sync, once per epoch
+            in_epoch = None
+            epoch_train_seconds = time.perf_counter() - t0
+            train_seconds += epoch_train_seconds
+            val = evaluate(model, data.val, eval_loss) if data.val is not None else None
+            metrics = {"train_loss": train_loss, **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+                                                    if val else {})}
+            rows.append({"epoch": epoch, "step": step, "train_loss": f"{train_loss:.6f}",
+                         "val_loss": f"{val['loss']:.6f}" if val else "",
+                         "val_accuracy": f"{val['accuracy']:.6f}" if val else "",
+                         "lr": f"{lr:.6g}", "seconds": "", "train_seconds": f"{epoch_train_seconds:.4f}"})
+            improved = monitor.update(metrics, epoch)
+            ckpt = payload(epoch, metrics)
+            checkpoint.save(folder / "last.ckpt", ckpt)
+            if improved:
+                checkpoint.save(folder / "best.ckpt", ckpt)
+            seconds = time.perf_counter() - t0
+            rows[-1]["seconds"] = f"{seconds:.3f}"
+            _write_metrics(metrics_path, rows)
+            val_text = f"  val_loss {val['loss']:.4f}  val_acc {100 * val['accuracy']:.2f}%" if val else ""
+            log(f"epoch {epoch}/{epochs}  train_loss {train_loss:.4f}{val_text}  lr {lr:.3g}  {seconds:.1f}s"
+                f"{'  *best' if improved else ''}")
+            if monitor.should_stop:
+                log(f"early stop: no {monitor.metric} improvement for {monitor.bad_epochs} epochs "
+                    f"(train.early_stop.patience={monitor.patience})")
+                status = "early_stopped"
+                break
+            if preempt.requested:  # the signal came with the epoch's last step: its checkpoint is the stop
+                status = "preempted"
+                break
+
+    if status == "preempted":
+        log(f"stopped by {signal.Signals(preempt.signum).name} at step {step} (epoch {epoch}); everything up "
+            f"to it is in {folder / 'last.ckpt'}. To go on:")
+        log(f"  dlbase train --resume {folder / 'last.ckpt'}")
+        return RunResult(folder, epoch, monitor.metric, monitor.value, monitor.epoch, rows[-1] if rows else {},
+                         train_seconds, status, preempt.exit_code)
     peak = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
     log(f"done: {monitor.describe()} -> {folder / 'best.ckpt'}  (training steps {train_seconds:.2f}s{peak})")
     log(f"test it: dlbase eval {folder / 'best.ckpt'}")
     return RunResult(folder, epoch, monitor.metric, monitor.value, monitor.epoch, rows[-1] if rows else {},
-                     train_seconds)
+                     train_seconds, status)
 
 
 def _load_model_state(model: torch.nn.Module, state: dict, path: Optional[Path]) -> None:

@@ -27,3 +27,36 @@ def test_default_config_reaches_98_percent(mnist_root, tmp_path):
     test = evaluate(model, load_dataset(cfg.data, cfg.seed, torch.device("cpu")).test)
     print(f"default config: test accuracy {test['accuracy']:.4f} after best epoch {result.best_epoch}")
     assert test["accuracy"] >= 0.98
+
+
+def test_altered_original_is_caught_by_md5(mnist_root, tmp_path):
+    import gzip
+    import shutil
+
+    import pytest
+
+    from dlbase.errors import DataError
+    for f in mnist_root.glob("*-ubyte.gz"):
+        shutil.copy(f, tmp_path / f.name)
+    labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(labels.read_bytes()))
+    raw[8 + 1234] = (raw[8 + 1234] + 1) % 10  # one label changed, still a valid digit
+    labels.write_bytes(gzip.compress(bytes(raw)))
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.download=false"])
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: md5 .* does not match the original mnist"):
+        load_dataset(cfg.data, 0, torch.device("cpu"))
+
+
+def test_fashion_files_are_not_taken_for_mnist(tmp_path):
+    import pytest
+
+    from dlbase.errors import DataError
+    fashion = Path("/usr/share/datasets/fashion-mnist")
+    if not (fashion / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    with pytest.raises(DataError, match="this is fashion_mnist's file, but data.dataset is mnist"):
+        load_dataset(load_config(None, [f"data.root={fashion}", "data.download=false"]).data, 0,
+                     torch.device("cpu"))
+    d = load_dataset(load_config(None, [f"data.root={fashion}", "data.dataset=fashion_mnist"]).data, 0,
+                     torch.device("cpu"))
+    assert (len(d.train), len(d.test)) == (55000, 10000)
