@@ -74,7 +74,11 @@ def eval_(
                               "train are rebuilt from the run's seed and data settings)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder with the IDX files, instead of "
                                              "the checkpoint's data.root.", show_default=False),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text (with per_class "
+                                 "accuracy and the confusion matrix)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write confusion.png and mistakes.png (the "
+                                          "most confident misclassifications) into this folder.",
+                                          show_default=False),
 ) -> None:
     """Report accuracy and mean loss of a checkpoint on a split; needs nothing but the checkpoint and the data."""
     import dataclasses
@@ -94,14 +98,78 @@ def eval_(
     if tuple(payload["input_shape"]) != data.input_shape:
         raise DlbaseError(f"{ckpt}: trained on {tuple(payload['input_shape'])} images; the data at "
                           f"{data.folder} has {data.input_shape}")
-    result = evaluate(model, data.split(split), build_eval_loss(cfg.train.loss, cfg.model.output))
+    part = data.split(split)
+    result = evaluate(model, part, build_eval_loss(cfg.train.loss, cfg.model.output))
+    title = f"{cfg.name}, {split} split, epoch {payload['epoch']}"
+    if report is not None:
+        from dlbase.report import eval_report
+        details = eval_report(model, part.x, part.y, data.input_shape, report, title)
+    else:
+        from dlbase.report import confusion, predictions
+        cm = confusion(predictions(model, part.x).cpu(), part.y.cpu())
+        details = {"per_class": (cm.diag().double() / cm.sum(1).clamp_min(1).double()).tolist(),
+                   "confusion": cm.tolist()}
     if as_json:
         typer.echo(json.dumps({"checkpoint": str(ckpt), "split": split, "n": result["n"],
                                "accuracy": result["accuracy"], "loss": result["loss"],
-                               "epoch": int(payload["epoch"]), "dataset": cfg.data.dataset}))
+                               "epoch": int(payload["epoch"]), "dataset": cfg.data.dataset, **details}))
     else:
         typer.echo(f"{ckpt}: {split} accuracy {100 * result['accuracy']:.2f}%  loss {result['loss']:.4f}  "
                    f"(n={result['n']}, epoch {payload['epoch']}, {cfg.data.dataset})")
+        typer.echo("per class: " + "  ".join(f"{k}: {100 * a:.1f}%" for k, a in enumerate(details["per_class"])))
+        if report is not None:
+            typer.echo(f"report: {report / 'confusion.png'}, {report / 'mistakes.png'}")
+
+
+@app.command()
+@user_errors
+def gradcheck(
+    config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP, show_default=False),
+    set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP, show_default=False),
+    batch: int = typer.Option(16, "--batch", min=1, max=4096, help="Samples in the batch the gradients are "
+                              "taken on (synthetic inputs in [0, 1] and random labels)."),
+    tol: float = typer.Option(1e-10, "--tol", help="Largest relative difference allowed (float64)."),
+) -> None:
+    """Check the hand-written delta rule against autograd: every weight and bias gradient of the configured
+    MLP, in float64, one row per layer. Exit 1 when any layer differs by more than --tol."""
+    import torch
+
+    from dlbase.backprop import gradcheck as check, unsupported
+    from dlbase.config import load_config
+    from dlbase.model import MLP
+
+    cfg = load_config(config, set_)
+    why = unsupported(cfg.model)
+    if why:
+        raise DlbaseError(f"{config}: {why}")
+    torch.manual_seed(cfg.seed)
+    model = MLP(cfg.model, in_features=784).double()
+    x = torch.rand(batch, 784, dtype=torch.float64)
+    y = torch.randint(0, 10, (batch,))
+    rows = check(model, cfg.model, x, y, cfg.train.loss, cfg.train.label_smoothing)
+    typer.echo(f"{cfg.model.activation} units, {cfg.model.output} outputs, {cfg.train.loss} loss, "
+               f"{len(rows)} layers, batch {batch}, float64")
+    typer.echo(f"{'layer':>5}  {'shape':>12}  {'max |dL/dW|':>12}  {'rel diff W':>11}  {'rel diff b':>11}")
+    worst = 0.0
+    for r in rows:
+        typer.echo(f"{r['layer']:>5}  {r['shape']:>12}  {r['grad_max']:>12.4e}  {r['weight_rel_diff']:>11.2e}  "
+                   f"{r['bias_rel_diff']:>11.2e}")
+        worst = max(worst, r["weight_rel_diff"], r["bias_rel_diff"])
+    ok = worst <= tol
+    typer.echo(f"{'OK' if ok else 'FAIL'}: largest relative difference {worst:.2e} (tolerance {tol:.0e})")
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def plot(run_dir: Path = typer.Argument(..., help="A run folder (<checkpoint.dir>/<name>) with metrics.csv.",
+                                        show_default=False)) -> None:
+    """Draw curves.png (loss, accuracy, lr per epoch) and gradnorms.png (per-layer norms) into the run folder."""
+    from dlbase.report import plot_run
+
+    for path in plot_run(run_dir):
+        typer.echo(str(path))
 
 
 @config_app.command("show")

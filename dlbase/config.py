@@ -169,6 +169,8 @@ class TrainConfig:
     grad_clip: Optional[float] = _f(None, "clip the global gradient norm to this; null = no clipping",
                                     gt=0.0, le=1e9, aliases=("clip", "max_grad_norm", "clip_grad_norm"))
     early_stop: EarlyStopConfig = _section(EarlyStopConfig)
+    engine: str = _f("autograd", "autograd | manual (gradients by the hand-written delta rule, dlbase/backprop.py)",
+                     choices=("autograd", "manual"), aliases=("backprop", "gradients"))
     precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast, fp32 master weights) "
                                 "| tf32 (CUDA matmuls in TF32)", choices=PRECISIONS,
                         aliases=("dtype", "amp", "mixed_precision"))
@@ -227,6 +229,18 @@ def _cross_checks(cfg: Config) -> list[tuple[str, str]]:
     if cfg.optim.impl == "fused" and cfg.optim.name not in FUSED_OPTIMIZERS:
         bad.append(("optim.impl", f"torch has no fused {cfg.optim.name}; fused exists for "
                                   f"{', '.join(FUSED_OPTIMIZERS)} (use auto or foreach)"))
+    if cfg.train.engine == "manual":
+        if cfg.model.norm != "none":
+            bad.append(("model.norm", f"{cfg.model.norm} is not covered by train.engine: manual (the hand-written "
+                                      f"rule does Linear, activation and dropout); use none or engine autograd"))
+        if cfg.model.encoding.name == "learned":
+            bad.append(("model.encoding.name", "learned has trainable parameters that train.engine: manual does not "
+                                               "differentiate; use none, fourier or gaussian, or engine autograd"))
+        if cfg.train.compile not in ("auto", "none"):
+            bad.append(("train.compile", f"{cfg.train.compile} needs train.engine: autograd; the manual engine "
+                                         f"runs eagerly (use auto or none)"))
+        if cfg.train.precision in ("bf16",):
+            bad.append(("train.precision", "the manual engine computes in fp32 (or tf32); use auto, fp32 or tf32"))
     if cfg.train.compile == "graph" and cfg.optim.name not in GRAPH_OPTIMIZERS:
         bad.append(("train.compile", f"graph mode cannot capture {cfg.optim.name} (no fused or capturable CUDA "
                                      f"step in torch); use compile: none or auto, or one of "

@@ -12,7 +12,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from dlbase.config import GRAPH_OPTIMIZERS, TrainConfig
+from dlbase import backprop
+from dlbase.config import GRAPH_OPTIMIZERS, ModelConfig, TrainConfig
 from dlbase.data import DeviceSplit
 from dlbase.errors import ConfigError
 from dlbase.loss import LossFn
@@ -36,10 +37,11 @@ class Plan:
 def plan(cfg: TrainConfig, device: torch.device, encoding: str, optimizer: str = "adam") -> Plan:
     """Resolve train.precision and train.compile for this device, refusing what cannot run here."""
     cuda = device.type == "cuda"
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
+    manual = cfg.engine == "manual"  # the hand-written backward runs eagerly, in fp32
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda and not manual else "fp32")
     mode = cfg.compile
     if mode == "auto":
-        mode = "graph" if cuda and optimizer in GRAPH_OPTIMIZERS else "none"
+        mode = "graph" if cuda and optimizer in GRAPH_OPTIMIZERS and not manual else "none"
     if precision == "tf32" and not cuda:
         raise ConfigError(f"train.precision: tf32 is a CUDA matmul mode; the device is {device} (use fp32)")
     if mode == "graph" and not cuda:
@@ -77,8 +79,12 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, split: DeviceSplit,
-                 cfg: TrainConfig, schedule: Schedule, device: torch.device, run_plan: Plan):
+                 cfg: TrainConfig, schedule: Schedule, device: torch.device, run_plan: Plan,
+                 model_cfg: Optional[ModelConfig] = None):
         self.model, self.optimizer, self.loss_fn, self.split = model, optimizer, loss_fn, split
+        self.model_cfg = model_cfg
+        self.manual = cfg.engine == "manual"
+        assert not self.manual or model_cfg is not None, "the manual engine needs the model's config"
         self.cfg, self.schedule, self.device, self.plan = cfg, schedule, device, run_plan
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_sum = torch.zeros((), device=device)  # sum over samples of the per-sample loss, this epoch
@@ -125,11 +131,18 @@ class Engine:
     def _step(self, idx: torch.Tensor, n: int) -> None:
         x = self.split.x.index_select(0, idx)  # (B, D), already normalised
         y = self.split.y.index_select(0, idx)  # (B,)
-        with _autocast(self.plan, self.device):
-            logits = self.forward(x)
-        loss = self.loss_fn(logits, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.manual:  # gradients by the delta rule, written out in backprop.py; no autograd graph at all
+            logits, grads = backprop.manual_gradients(self.model, self.model_cfg, x.float(), y, self.cfg.loss,
+                                                      self.cfg.label_smoothing)
+            loss = self.loss_fn(logits, y)
+            for lin, (dw, db) in zip(backprop.linears(self.model), grads):
+                lin.weight.grad, lin.bias.grad = dw, db
+        else:
+            with _autocast(self.plan, self.device):
+                logits = self.forward(x)
+            loss = self.loss_fn(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=self.device.type == "cuda")
         self.optimizer.step()

@@ -94,9 +94,26 @@ def _write_atomic(path: Path, write: Callable) -> None:
                               f"untouched") from None
 
 
+def layer_norms(model: torch.nn.Module) -> dict[str, float]:
+    """Per Linear layer (1 = the first): the L2 norm of its weight gradient from the last step, and of its
+    weights. One host sync for all of them."""
+    from dlbase.backprop import linears
+    layers = linears(model)
+    zero = torch.zeros((), device=layers[0].weight.device)
+    values = torch.stack([lin.weight.grad.norm() if lin.weight.grad is not None else zero for lin in layers]
+                         + [lin.weight.detach().norm() for lin in layers]).tolist()  # note: sync, per epoch
+    n = len(layers)
+    return {**{f"grad_norm_{i + 1}": values[i] for i in range(n)},
+            **{f"weight_norm_{i + 1}": values[n + i] for i in range(n)}}
+
+
+VANISHING_RATIO = 1e-3  # first layer's gradient norm below this fraction of the last layer's: warn
+
+
 def _write_metrics(path: Path, rows: list[dict]) -> None:
+    extra = [k for k in (rows[-1] if rows else {}) if k not in METRICS_FIELDS]  # per-layer norms
     def write(fh):
-        w = csv.DictWriter(fh, fieldnames=METRICS_FIELDS)
+        w = csv.DictWriter(fh, fieldnames=[*METRICS_FIELDS, *extra], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     _write_atomic(path, write)
@@ -225,7 +242,7 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
     log(f"data: {data.folder}  train {len(data.train)}, val {len(data.val) if data.val else 0}, "
         f"test {len(data.test)} on {device}  ({run_plan.describe()})")
 
-    engine = Engine(model, optimizer, loss_fn, data.train, cfg.train, schedule, device, run_plan)
+    engine = Engine(model, optimizer, loss_fn, data.train, cfg.train, schedule, device, run_plan, cfg.model)
     if engine.prewarm():
         log(f"start-up: CUDA kernels loaded on a throwaway copy in {engine.prewarm_seconds:.2f}s")
     in_epoch = (resume_payload or {}).get("in_epoch")  # a mid-epoch checkpoint: where in its epoch we were
@@ -267,6 +284,7 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
     epoch = start_epoch
     train_seconds = 0.0
     status = "finished"
+    warned_vanishing = False
     with Preemption() as preempt:
         for epoch in range(start_epoch + 1, epochs + 1):
             t0 = time.perf_counter()
@@ -313,10 +331,19 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
             val = evaluate(model, data.val, eval_loss) if data.val is not None else None
             metrics = {"train_loss": train_loss, **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
                                                     if val else {})}
+            norms = layer_norms(model)
             rows.append({"epoch": epoch, "step": step, "train_loss": f"{train_loss:.6f}",
                          "val_loss": f"{val['loss']:.6f}" if val else "",
                          "val_accuracy": f"{val['accuracy']:.6f}" if val else "",
-                         "lr": f"{lr:.6g}", "seconds": "", "train_seconds": f"{epoch_train_seconds:.4f}"})
+                         "lr": f"{lr:.6g}", "seconds": "", "train_seconds": f"{epoch_train_seconds:.4f}",
+                         **{k: f"{v:.6g}" for k, v in norms.items()}})
+            n_layers = len(norms) // 2
+            first_g, last_g = norms["grad_norm_1"], norms[f"grad_norm_{n_layers}"]
+            if n_layers > 1 and first_g < VANISHING_RATIO * last_g and not warned_vanishing:
+                warned_vanishing = True
+                log(f"warning: vanishing gradients: layer 1's gradient norm ({first_g:.2e}) is "
+                    f"{first_g / max(last_g, 1e-300):.1e} of layer {n_layers}'s ({last_g:.2e}); the first layers "
+                    f"barely learn (try relu, or a better init)")
             improved = monitor.update(metrics, epoch)
             ckpt = payload(epoch, metrics)
             checkpoint.save(folder / "last.ckpt", ckpt)
@@ -325,7 +352,8 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
             seconds = time.perf_counter() - t0
             rows[-1]["seconds"] = f"{seconds:.3f}"
             _write_metrics(metrics_path, rows)
-            val_text = f"  val_loss {val['loss']:.4f}  val_acc {100 * val['accuracy']:.2f}%" if val else ""
+            val_text = (f"  val_loss {val['loss']:.4f} (gap {val['loss'] - train_loss:+.4f})  val_acc "
+                        f"{100 * val['accuracy']:.2f}%") if val else ""
             log(f"epoch {epoch}/{epochs}  train_loss {train_loss:.4f}{val_text}  lr {lr:.3g}  {seconds:.1f}s"
                 f"{'  *best' if improved else ''}")
             if monitor.should_stop:
@@ -343,6 +371,12 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
         log(f"  dlbase train --resume {folder / 'last.ckpt'}")
         return RunResult(folder, epoch, monitor.metric, monitor.value, monitor.epoch, rows[-1] if rows else {},
                          train_seconds, status, preempt.exit_code)
+    if rows:
+        try:
+            from dlbase.report import plot_run
+            plot_run(folder)  # curves.png, gradnorms.png
+        except ImportError:  # pragma: no cover - matplotlib is a dependency
+            log("note: matplotlib is not installed; no plots")
     peak = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
     log(f"done: {monitor.describe()} -> {folder / 'best.ckpt'}  (training steps {train_seconds:.2f}s{peak})")
     log(f"test it: dlbase eval {folder / 'best.ckpt'}")

@@ -24,7 +24,7 @@ def test_train_writes_run_folder(tiny_config, tmp_path):
     assert load_config(folder / "config.yaml") == cfg
     rows = (folder / "metrics.csv").read_text().splitlines()
     assert rows[0].split(",") == ["epoch", "step", "train_loss", "val_loss", "val_accuracy", "lr", "seconds",
-                                  "train_seconds"]
+                                  "train_seconds", "grad_norm_1", "grad_norm_2", "weight_norm_1", "weight_norm_2"]
     assert len(rows) == 4 and rows[-1].startswith("3,30,")  # 500 training samples / batch 50 = 10 steps an epoch
     last = checkpoint.load(folder / "last.ckpt")
     assert last["epoch"] == 3 and last["step"] == 30 and last["config"]["name"] == "tiny"
@@ -53,10 +53,8 @@ def test_resume_is_bit_identical_to_uninterrupted(tiny_config, tmp_path):
     train(resumed, resume=last, resume_payload=checkpoint.load(last), log=lambda s: None)
     a, b = weights(tmp_path / "a" / "tiny" / "last.ckpt"), weights(last)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rows_a = (tmp_path / "a" / "tiny" / "metrics.csv").read_text().splitlines()
-    rows_b = (tmp_path / "b" / "tiny" / "metrics.csv").read_text().splitlines()
-    strip = [lambda rows: [",".join(r.split(",")[:-2]) for r in rows]][0]  # all but the timing columns
-    assert strip(rows_a) == strip(rows_b)
+    untimed = [lambda folder: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows_of(folder)]][0]
+    assert untimed(tmp_path / "a" / "tiny") == untimed(tmp_path / "b" / "tiny")  # norms included
 
 
 def test_new_run_never_overwrites_an_old_one(tiny_config, tmp_path):

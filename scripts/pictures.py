@@ -1,0 +1,45 @@
+"""The README's pictures, from real MNIST runs: docs/curves.png, docs/gradnorms_deep_sigmoid.png,
+docs/gradnorms_deep_relu.png, docs/confusion.png, docs/mistakes.png.
+
+    python scripts/pictures.py            # about two minutes on a 2-core CPU
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dlbase.config import load_config  # noqa: E402
+from dlbase.data import load_dataset  # noqa: E402
+from dlbase.report import eval_report  # noqa: E402
+from dlbase.train import load_for_eval, train  # noqa: E402
+
+DOCS = REPO / "docs"
+
+
+def main() -> None:
+    DOCS.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(REPO / "configs" / "mnist_mlp.yaml", [f"checkpoint.dir={tmp}"])
+        run = train(cfg, log=print)
+        shutil.copy(run.folder / "curves.png", DOCS / "curves.png")
+        _, model, payload = load_for_eval(run.folder / "best.ckpt", torch.device("cpu"))
+        test = load_dataset(cfg.data, cfg.seed, torch.device("cpu")).test
+        eval_report(model, test.x, test.y, (28, 28), DOCS, f"mnist_mlp, test split, epoch {payload['epoch']}")
+        for act in ("sigmoid", "relu"):
+            cfg = load_config(REPO / "configs" / "mnist_deep_sigmoid.yaml",
+                              [f"checkpoint.dir={tmp}", f"model.activation={act}", f"name=deep_{act}",
+                               "train.epochs=5"])
+            run = train(cfg, log=print)
+            shutil.copy(run.folder / "gradnorms.png", DOCS / f"gradnorms_deep_{act}.png")
+    print("wrote", ", ".join(sorted(p.name for p in DOCS.glob("*.png"))))
+
+
+if __name__ == "__main__":
+    main()
