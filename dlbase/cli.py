@@ -172,6 +172,26 @@ def plot(run_dir: Path = typer.Argument(..., help="A run folder (<checkpoint.dir
         typer.echo(str(path))
 
 
+@app.command()
+@user_errors
+def sweep(
+    config: Path = typer.Option(..., "--config", "-c", help="The base config every trial starts from (may hold a "
+                                "sweep: section).", show_default=False),
+    sweep_file: Optional[Path] = typer.Option(None, "--sweep", help="Sweep spec YAML: method (grid|random), "
+                                              "trials, seed, params, metric, mode, cv_folds.", show_default=False),
+    grid: List[str] = typer.Option([], "--grid", "-g", help="A quick grid axis: --grid optim.lr=[0.1,0.01]; "
+                                   "repeat for more (the product is run).", show_default=False),
+    set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP + " Applies to every trial.",
+                                   show_default=False),
+) -> None:
+    """Run a hyperparameter search, choosing on validation data only; rerun the same command to resume it.
+    Writes <checkpoint.dir>/<sweep name>/: trial-NNN/ run folders, results.csv, best.yaml, winner.json."""
+    from dlbase.sweep import load_sweep, run_sweep
+
+    base_raw, spec, source = load_sweep(config, sweep_file, grid, set_)
+    run_sweep(base_raw, spec, source, set_, log=typer.echo)
+
+
 @config_app.command("show")
 @user_errors
 def config_show(

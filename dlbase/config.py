@@ -378,6 +378,9 @@ class _Checker:
         names = {f.name for f in dataclasses.fields(cls)}
         for k in raw:
             if k not in names:
+                if prefix == "" and k == "sweep":
+                    raise self.fail("sweep", "a sweep: section is read by dlbase sweep, not here; run dlbase sweep "
+                                             "--config with this file")
                 hint = _suggest(k, prefix, cls)
                 msg = "unknown key" + (f"; did you mean {hint}?" if hint else
                                        f"; allowed keys: {', '.join(sorted(names))}")

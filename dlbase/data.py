@@ -251,7 +251,15 @@ class Dataset:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
 
-def load_dataset(cfg, seed: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Dataset:
+def fold_indices(n: int, seed: int, fold: int, folds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices of k-fold cross-validation: a seeded permutation cut into `folds` parts;
+    part `fold` validates. The parts partition range(n)."""
+    parts = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tensor_split(folds)
+    return torch.cat([p for j, p in enumerate(parts) if j != fold]).sort().values, parts[fold].sort().values
+
+
+def load_dataset(cfg, seed: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                 fold: Optional[tuple[int, int]] = None) -> Dataset:
     """Find, check and load a dataset (a DataConfig) onto the device once, normalised once (to `dtype`).
 
     The files' uint8 pixels travel to the device as uint8 (4x less to copy) and are normalised there, so no
@@ -271,15 +279,18 @@ def load_dataset(cfg, seed: int, device: torch.device, dtype: torch.dtype = torc
     if cfg.subset is not None:
         x, y = x[:cfg.subset], y[:cfg.subset]
     n = x.shape[0]
-    if cfg.val_size >= n:
+    if fold is None and cfg.val_size >= n:
         raise DataError(f"data.val_size: {cfg.val_size} leaves no training samples out of {n}"
                         f"{' (data.subset)' if cfg.subset is not None else ''}; use a value below {n}")
     h, w = train.images.shape[1:]
     flat = x.reshape(n, h * w)
     val = None
-    if cfg.val_size:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        val_idx, train_idx = perm[:cfg.val_size].sort().values, perm[cfg.val_size:].sort().values
+    if fold is not None or cfg.val_size:
+        if fold is not None:  # cross-validation: fold[0] of fold[1] validates, data.val_size does not apply
+            train_idx, val_idx = fold_indices(n, seed, *fold)
+        else:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            val_idx, train_idx = perm[:cfg.val_size].sort().values, perm[cfg.val_size:].sort().values
         val = DeviceSplit(normalize(flat[val_idx].to(device), dtype), y[val_idx].to(device))
         flat, y = flat[train_idx], y[train_idx]
     return Dataset(

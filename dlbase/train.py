@@ -193,14 +193,18 @@ class Monitor:
 
 
 def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[dict] = None,
-          log: Callable[[str], None] = print) -> RunResult:
-    """Train cfg from scratch, or continue the run that resume_payload (loaded from `resume`) came from."""
+          log: Callable[[str], None] = print, folder: Optional[Path] = None,
+          dataset: Optional[Dataset] = None) -> RunResult:
+    """Train cfg from scratch, or continue the run that resume_payload (loaded from `resume`) came from.
+
+    folder: use this run folder (a sweep's trial) instead of <checkpoint.dir>/<name>[-N]; dataset: data already
+    on the device (a sweep loads it once for all its trials)."""
     device = resolve_device(cfg.device)
     run_plan = plan(cfg.train, device, cfg.model.encoding.name, cfg.optim.name)
     set_matmul_precision(run_plan, device)
     seed_everything(cfg.seed)
-    data: Dataset = load_dataset(cfg.data, cfg.seed, device, run_plan.data_dtype)  # first: no empty run folder
-    folder = resume.parent if resume is not None else new_run_dir(cfg)
+    data: Dataset = dataset or load_dataset(cfg.data, cfg.seed, device, run_plan.data_dtype)  # first: no empty folder
+    folder = Path(folder) if folder is not None else resume.parent if resume is not None else new_run_dir(cfg)
     check_writable(folder)  # before any training time is spent
 
     model = build_model(cfg, data.input_shape, device)
