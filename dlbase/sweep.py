@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from dlbase.config import Config, config_from_dict, parse_yaml, read_config_file, to_dict, to_yaml
-from dlbase.errors import ConfigError
+from dlbase.errors import ConfigError, DlbaseError
 
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
 SWEEP_KEYS = ("name", "method", "trials", "seed", "params", "metric", "mode", "cv_folds")
@@ -136,10 +136,12 @@ def sample(spec: SweepSpec) -> list[dict]:
     return out
 
 
-def trial_config(base_raw: dict, values: dict, name: str, ckpt_dir: str, source: str, sets: list[str]) -> Config:
-    """The base config with --set, then the trial's values, validated like any config."""
+def trial_config(base_raw: dict, values: dict, name: str, ckpt_dir: str, source: str, sets: list[str],
+                 metric: str = "val_accuracy") -> Config:
+    """The base config with --set, then the trial's values, validated like any config. The sweep's metric
+    also picks each trial's best.ckpt, so a trial's score is its best epoch by that metric."""
     overrides = [*sets, *(f"{k}={json.dumps(v)}" for k, v in values.items()), f"name={name}",
-                 f"checkpoint.dir={json.dumps(ckpt_dir)}"]
+                 f"checkpoint.dir={json.dumps(ckpt_dir)}", f"train.early_stop.metric={metric}"]
     try:
         return config_from_dict(base_raw, source, overrides)
     except ConfigError as e:
@@ -185,7 +187,8 @@ def run_sweep(base_raw: dict, spec: SweepSpec, source: str, sets: list[str],
     trials = sample(spec)
     folds = spec.cv_folds or 1
     # every sampled config is validated before any trial runs
-    configs = [trial_config(base_raw, t, f"trial-{i:03d}", str(root), source, sets) for i, t in enumerate(trials)]
+    configs = [trial_config(base_raw, t, f"trial-{i:03d}", str(root), source, sets, spec.metric)
+               for i, t in enumerate(trials)]
     if spec.cv_folds and any(c.data.subset is not None and c.data.subset < spec.cv_folds for c in configs):
         raise ConfigError(f"{source}: data.subset is smaller than sweep.cv_folds")
     root.mkdir(parents=True, exist_ok=True)
@@ -222,6 +225,10 @@ def run_sweep(base_raw: dict, spec: SweepSpec, source: str, sets: list[str],
             payload = checkpoint.load(last) if last.exists() else None  # an interrupted trial goes on
             result = train(fcfg, resume=last if payload else None, resume_payload=payload, folder=run,
                            dataset=dataset_for(fcfg, fold), log=lambda line: None)
+            if result.status == "preempted":  # the trial saved its last.ckpt; the whole sweep stops here
+                bar.close()
+                raise SweepStopped(f"sweep {spec.name} stopped by a signal during {run.relative_to(root)}; rerun "
+                                   f"the same command to go on from there", result.exit_code)
             best = checkpoint.load(run / "best.ckpt")
             scores.append(best["metrics"][spec.metric])
             epochs.append(result.epochs_done)
@@ -274,6 +281,14 @@ def run_sweep(base_raw: dict, spec: SweepSpec, source: str, sets: list[str],
     log(f"winner {winner['trial']} ({spec.metric} {winner['score']:.4f}); test accuracy, measured once: "
         f"{100 * test['accuracy']:.2f}%  -> {root / 'best.yaml'}")
     return summary
+
+
+class SweepStopped(DlbaseError):
+    """SIGTERM/SIGINT during a sweep: the running trial is saved, and the sweep resumes when rerun."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _fmt(v: Any) -> str:

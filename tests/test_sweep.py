@@ -159,3 +159,23 @@ def test_invalid_sweep_values_fail_before_any_trial(tmp_path, tiny_data):
 def test_train_refuses_a_sweep_section_kindly(tmp_path, tiny_data):
     r = runner.invoke(app, ["train", "--config", str(base_config(tmp_path, tiny_data))])
     assert r.exit_code == 2 and "dlbase sweep" in r.stderr
+
+
+def test_a_signal_stops_the_whole_sweep_and_a_rerun_resumes(tmp_path, tiny_data):
+    import signal
+    import subprocess
+    import sys
+    import time
+    cfg = base_config(tmp_path, tiny_data)
+    cmd = [sys.executable, "-m", "dlbase", "sweep", "--config", str(cfg), "--set", "train.epochs=400"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root = tmp_path / "ckpt" / "sw"
+    for _ in range(600):  # wait until the first trial is training
+        if (root / "trial-000" / "last.ckpt").exists():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (out, err)
+    assert "rerun the same command" in err and not (root / "trial-000" / "result.json").exists()
+    assert not (root / "trial-001").exists()  # it did not go on to the next trial
