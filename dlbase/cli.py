@@ -44,7 +44,7 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run a checkpoint (usually "
                                           "<run>/last.ckpt) came from, in its folder.", show_default=False),
 ) -> None:
-    """Train a model; writes config.yaml, metrics.csv, last.ckpt and best.ckpt into <checkpoint.dir>/<name>/."""
+    """Train a model; writes config.yaml, metrics.csv, last.ckpt, best.ckpt and plots into <checkpoint.dir>/<name>/."""
     from dlbase import checkpoint, train as training
     from dlbase.config import config_from_dict, load_config
 
@@ -130,8 +130,11 @@ def gradcheck(
                               "taken on (synthetic inputs in [0, 1] and random labels)."),
     tol: float = typer.Option(1e-10, "--tol", help="Largest relative difference allowed (float64)."),
 ) -> None:
-    """Check the hand-written delta rule against autograd: every weight and bias gradient of the configured
-    MLP, in float64, one row per layer. Exit 1 when any layer differs by more than --tol."""
+    """Check the hand-written delta rule against autograd, layer by layer, in float64.
+
+    Every weight and bias gradient of the configured MLP, on a batch of synthetic inputs in [0, 1] with
+    random labels; one row per layer; exit 1 when any layer differs by more than --tol.
+    """
     import torch
 
     from dlbase.backprop import gradcheck as check, unsupported

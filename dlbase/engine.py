@@ -30,8 +30,10 @@ class Plan:
     compile: str  # none | graph | a torch.compile mode
     data_dtype: torch.dtype  # how the normalised inputs are stored on the device
 
+    engine: str = "autograd"  # autograd | manual
+
     def describe(self) -> str:
-        return f"precision {self.precision}, compile {self.compile}"
+        return f"precision {self.precision}, compile {self.compile}, engine {self.engine}"
 
 
 def plan(cfg: TrainConfig, device: torch.device, encoding: str, optimizer: str = "adam") -> Plan:
@@ -49,7 +51,7 @@ def plan(cfg: TrainConfig, device: torch.device, encoding: str, optimizer: str =
                           f"torch.compile mode)")
     # bf16 inputs save a cast per step; encodings compute sin/cos of p and want fp32 inputs
     data_dtype = torch.bfloat16 if precision == "bf16" and encoding == "none" and cuda else torch.float32
-    return Plan(precision, mode, data_dtype)
+    return Plan(precision, mode, data_dtype, cfg.engine)
 
 
 def set_matmul_precision(p: Plan, device: torch.device) -> None:

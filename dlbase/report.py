@@ -17,9 +17,13 @@ def _plt():
     return plt
 
 
-def MaxNLocator(**kw):  # noqa: N802 - matplotlib's name, imported late so dlbase imports without it
-    from matplotlib.ticker import MaxNLocator as _M
-    return _M(**kw)
+def _epoch_ticks(ax, epochs: list[int]) -> None:
+    """Whole epochs on the x axis: every epoch up to 15 of them, else matplotlib's integer ticks."""
+    if len(epochs) <= 15:
+        ax.set_xticks(epochs)
+    else:
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _floats(rows: list[dict], key: str) -> list[Optional[float]]:
@@ -75,7 +79,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     ax.set(title="Learning rate (at each epoch's last step)", xlabel="epoch", ylabel="learning rate")
     ax.grid(alpha=0.3)
     for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _epoch_ticks(ax, epochs)
     fig.suptitle(f"{name}: training curves", fontsize=14)
     curves = run_dir / "curves.png"
     fig.savefig(curves, dpi=110)
@@ -91,7 +95,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     axes[1].set(title="Weight norm per layer", xlabel="epoch", ylabel="||W||  (log scale)")
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _epoch_ticks(ax, epochs)
     if layers:
         axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), title="Linear layer")
     fig.suptitle(f"{name}: layer 1 is next to the input; a gap of decades between layers means vanishing "

@@ -242,7 +242,7 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
             f"(--set train.epochs=N) to train on")
         return RunResult(folder, start_epoch, monitor.metric, monitor.value, monitor.epoch, rows[-1] if rows else {})
     _write_atomic(folder / "config.yaml", lambda fh: fh.write(to_yaml(cfg)))
-    log(f"run folder: {folder}  (config.yaml, metrics.csv, last.ckpt, best.ckpt)")
+    log(f"run folder: {folder}  (config.yaml, metrics.csv, last.ckpt, best.ckpt, curves.png, gradnorms.png)")
     log(f"data: {data.folder}  train {len(data.train)}, val {len(data.val) if data.val else 0}, "
         f"test {len(data.test)} on {device}  ({run_plan.describe()})")
 

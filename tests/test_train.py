@@ -20,7 +20,8 @@ def test_train_writes_run_folder(tiny_config, tmp_path):
     result = train(cfg, log=logs.append)
     folder = tmp_path / "ckpt" / "tiny"
     assert result.folder == folder
-    assert {p.name for p in folder.iterdir()} == {"config.yaml", "metrics.csv", "last.ckpt", "best.ckpt"}
+    assert {p.name for p in folder.iterdir()} == {"config.yaml", "metrics.csv", "last.ckpt", "best.ckpt",
+                                                  "curves.png", "gradnorms.png"}
     assert load_config(folder / "config.yaml") == cfg
     rows = (folder / "metrics.csv").read_text().splitlines()
     assert rows[0].split(",") == ["epoch", "step", "train_loss", "val_loss", "val_accuracy", "lr", "seconds",
