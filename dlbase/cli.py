@@ -192,7 +192,11 @@ def sweep(
     from dlbase.sweep import load_sweep, run_sweep
 
     base_raw, spec, source = load_sweep(config, sweep_file, grid, set_)
-    run_sweep(base_raw, spec, source, set_, log=typer.echo)
+    try:
+        run_sweep(base_raw, spec, source, set_, log=typer.echo)
+    except KeyboardInterrupt:  # a second Ctrl-C: finished trials and checkpoints on disk are whole
+        typer.echo("interrupted: stopped at once; rerun the same command to resume the sweep", err=True)
+        raise typer.Exit(130) from None
 
 
 @config_app.command("show")

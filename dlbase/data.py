@@ -88,6 +88,9 @@ def read_idx(path: str | os.PathLike, ndim: int) -> tuple[torch.Tensor, str]:
             size = 1
             for d in dims:
                 size *= d
+            if size > 1 << 32 or (not isinstance(fh, gzip.GzipFile) and size > path.stat().st_size):
+                raise DataError(f"{path}: the header promises {dims} = {size} bytes of data, more than the file "
+                                f"{'could hold' if size > 1 << 32 else 'holds'}: truncated or not an IDX file")
             body = fh.read(size)  # bounded by the header, so a decompression bomb cannot exhaust memory
             if len(body) < size:
                 raise DataError(f"{path}: truncated: the header promises {dims} = {size} bytes of data, "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import os
 import json
 import math
 import random
@@ -191,8 +192,19 @@ def run_sweep(base_raw: dict, spec: SweepSpec, source: str, sets: list[str],
                for i, t in enumerate(trials)]
     if spec.cv_folds and any(c.data.subset is not None and c.data.subset < spec.cv_folds for c in configs):
         raise ConfigError(f"{source}: data.subset is smaller than sweep.cv_folds")
+    record = {"base": source, "set": list(sets), **spec.__dict__}
+    stored = root / "sweep.yaml"
+    if stored.exists():  # a rerun resumes only the same sweep: trials are named by their index in it
+        try:
+            before = yaml.safe_load(stored.read_text())
+        except yaml.YAMLError:
+            before = None
+        if not isinstance(before, dict) or {k: before.get(k) for k in record if k != "base"} != {
+                k: v for k, v in yaml.safe_load(yaml.safe_dump(record)).items() if k != "base"}:
+            raise ConfigError(f"{stored}: this folder holds another sweep (other params, spec or --set); give the "
+                              f"new one another name (sweep name: or --set checkpoint.dir=...), or delete {root}")
     root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.yaml").write_text(yaml.safe_dump({"base": source, "set": sets, **spec.__dict__}, sort_keys=False))
+    stored.write_text(yaml.safe_dump(record, sort_keys=False))
     log(f"sweep {spec.name}: {len(trials)} trials{f' x {folds} folds' if spec.cv_folds else ''}, "
         f"{spec.metric} ({spec.mode}) on validation data -> {root}")
     cache: dict = {}  # the data goes to the device once per (data config, seed, fold): shared by trials
@@ -212,7 +224,10 @@ def run_sweep(base_raw: dict, spec: SweepSpec, source: str, sets: list[str],
         folder = root / cfg.name
         done = folder / RESULT_FILE
         if done.exists():
-            rows.append(json.loads(done.read_text()))
+            try:
+                rows.append(json.loads(done.read_text()))
+            except ValueError:
+                raise ConfigError(f"{done}: unreadable; delete it and rerun to redo {cfg.name}") from None
             bar.update(1)
             continue
         t0 = time.perf_counter()
@@ -235,7 +250,9 @@ def run_sweep(base_raw: dict, spec: SweepSpec, source: str, sets: list[str],
         row = {"trial": cfg.name, **{k: values[k] for k in spec.params}, "score": statistics.mean(scores),
                "std": statistics.stdev(scores) if len(scores) > 1 else 0.0, "epochs": max(epochs),
                "seconds": round(time.perf_counter() - t0, 2)}
-        done.write_text(json.dumps(row))
+        tmp = done.with_name(done.name + ".tmp")
+        tmp.write_text(json.dumps(row))
+        os.replace(tmp, done)  # whole or absent: a rerun never reads half a result
         rows.append(row)
         bar.update(1)
         log(f"{cfg.name}: {values}  {spec.metric} {row['score']:.4f}" + (f" +- {row['std']:.4f}" if folds > 1 else ""))
@@ -261,8 +278,11 @@ def run_sweep(base_raw: dict, spec: SweepSpec, source: str, sets: list[str],
         final = root / "winner"
         last = final / "last.ckpt"
         payload = checkpoint.load(last) if last.exists() else None
-        train(replace(win_cfg, name="winner"), resume=last if payload else None, resume_payload=payload,
-              folder=final, log=lambda line: None)
+        result = train(replace(win_cfg, name="winner"), resume=last if payload else None, resume_payload=payload,
+                       folder=final, log=lambda line: None)
+        if result.status == "preempted":
+            raise SweepStopped(f"sweep {spec.name} stopped by a signal while retraining the winner; rerun the same "
+                               f"command to go on", result.exit_code)
         ckpt = final / "best.ckpt"
     else:
         ckpt = root / win_cfg.name / "best.ckpt"

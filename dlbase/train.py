@@ -149,11 +149,35 @@ def _rng_state(batcher: Batcher, device: torch.device) -> dict:
     return state
 
 
-def _restore_rng(state: dict, batcher: Batcher, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    batcher.generator.set_state(state["batcher"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+def _restore_rng(state: dict, batcher: Batcher, device: torch.device, path: Optional[Path] = None) -> None:
+    try:
+        torch.set_rng_state(state["torch"])
+        batcher.generator.set_state(state["batcher"])
+        if device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], device)
+    except (RuntimeError, KeyError, TypeError) as e:
+        was = "cuda" if "cuda" in state else "cpu"
+        raise CheckpointError(f"{path}: its random-number state was saved on {was} and cannot be restored on "
+                              f"{device} ({str(e).splitlines()[0][:80]}); resume on the same kind of device, "
+                              f"or start a new run from its weights") from None
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, path: Optional[Path], cfg: Config) -> None:
+    """Load the saved moments and step counts, but keep this run's settings (fused, capturable, betas, weight
+    decay, ...: torch's load_state_dict would bring back the saved ones), and put step counters where fused or
+    capturable kernels want them (on the parameters' device)."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: optimizer state does not fit optim.name={cfg.optim.name} ({e})") from None
+    for group, keep in zip(optimizer.param_groups, settings):
+        group.update(keep)
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(p.device, torch.float32) if on_device else st["step"].cpu()
 
 
 def _no_op(step: int) -> None:
@@ -226,12 +250,13 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
             raise CheckpointError(f"{resume}: trained on {tuple(resume_payload['input_shape'])} images, "
                                   f"the data now is {data.input_shape}")
         _load_model_state(model, resume_payload["model"], resume)
-        try:
-            optimizer.load_state_dict(resume_payload["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{resume}: optimizer state does not fit optim.name={cfg.optim.name} "
-                                  f"({e})") from None
-        _restore_rng(resume_payload["rng"], batcher, device)  # mid-epoch: the batcher's state at epoch start
+        _load_optimizer_state(optimizer, resume_payload["optimizer"], resume, cfg)
+        in_epoch_saved = resume_payload.get("in_epoch")
+        if in_epoch_saved and int(resume_payload.get("steps_per_epoch", steps_per_epoch)) != steps_per_epoch:
+            raise CheckpointError(f"{resume}: saved mid-epoch with {resume_payload['steps_per_epoch']} steps per "
+                                  f"epoch; the config now makes {steps_per_epoch} (train.batch_size or the data "
+                                  f"changed); resume with the run's own settings")
+        _restore_rng(resume_payload["rng"], batcher, device, resume)  # mid-epoch: the state at epoch start
         start_epoch, step = int(resume_payload["epoch"]), int(resume_payload["step"])
         monitor = Monitor(cfg, data.val is not None, resume_payload["best"])
         rows = _read_metrics(metrics_path, start_epoch)
@@ -267,6 +292,7 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
             "metrics": metrics,
             "best": monitor.state(),
             "rng": _rng_state(batcher, device),
+            "steps_per_epoch": steps_per_epoch,
         }
         if epoch_rng is not None:
             out["rng"]["batcher"] = epoch_rng
@@ -285,17 +311,19 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
 
     show_bar = sys.stderr.isatty()  # a live bar only on a terminal; logs and CI get the epoch lines alone
     every = cfg.checkpoint.every_steps
-    epoch = start_epoch
+    epoch = start_epoch  # the loop counts epochs up from here
     train_seconds = 0.0
     status = "finished"
     warned_vanishing = False
     with Preemption() as preempt:
-        for epoch in range(start_epoch + 1, epochs + 1):
+        k0 = int(in_epoch["batch"]) if in_epoch else 0  # batches of the resumed epoch already done
+        epochs = start_epoch + max(1, -(-(total_steps - step + k0) // steps_per_epoch))  # for the epoch lines
+        while step < total_steps:
+            epoch += 1
             t0 = time.perf_counter()
             model.train()
-            first = (epoch - 1) * steps_per_epoch  # global step of this epoch's first batch
-            n_steps = min(steps_per_epoch, total_steps - first)
-            k = step - first  # batches of this epoch already done (a mid-epoch resume), else 0
+            k, k0 = k0, 0  # batches of this epoch already done (a mid-epoch resume), else 0
+            n_steps = min(steps_per_epoch, k + total_steps - step)  # this epoch's last batch (max_steps may cut it)
             epoch_rng = batcher.generator.get_state()  # the data order's state before this epoch's draw
             perm = batcher.perm()  # (N,) on the device; drawn every epoch, even a partial last one
             seen = min(len(data.train), n_steps * cfg.train.batch_size)
@@ -350,12 +378,14 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
                     f"barely learn (try relu, or a better init)")
             improved = monitor.update(metrics, epoch)
             ckpt = payload(epoch, metrics)
-            checkpoint.save(folder / "last.ckpt", ckpt)
-            if improved:
-                checkpoint.save(folder / "best.ckpt", ckpt)
             seconds = time.perf_counter() - t0
             rows[-1]["seconds"] = f"{seconds:.3f}"
+            # best, then metrics, then last: a kill between them leaves last.ckpt at the previous epoch, and
+            # resuming from it redoes this epoch, rewriting all three
+            if improved:
+                checkpoint.save(folder / "best.ckpt", ckpt)
             _write_metrics(metrics_path, rows)
+            checkpoint.save(folder / "last.ckpt", ckpt)
             val_text = (f"  val_loss {val['loss']:.4f} (gap {val['loss'] - train_loss:+.4f})  val_acc "
                         f"{100 * val['accuracy']:.2f}%") if val else ""
             log(f"epoch {epoch}/{epochs}  train_loss {train_loss:.4f}{val_text}  lr {lr:.3g}  {seconds:.1f}s"

@@ -121,18 +121,6 @@ def test_sweep_end_to_end_picks_the_best_and_resumes(tmp_path, tiny_data):
     assert stamp == {t: (root / t / "result.json").stat().st_mtime_ns for t in stamp}
 
 
-def test_interrupted_trial_goes_on_from_its_last_checkpoint(tmp_path, tiny_data):
-    cfg = base_config(tmp_path, tiny_data)
-    runner.invoke(app, ["sweep", "--config", str(cfg), "--grid", "optim.lr=[0.01]", "--grid", "model.hidden=[[16]]"])
-    root = tmp_path / "ckpt" / "sw"
-    (root / "trial-000" / "result.json").unlink()
-    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--grid", "optim.lr=[0.01]", "--grid",
-                            "model.hidden=[[16]]", "--set", "train.epochs=3"])
-    assert r.exit_code == 0, r.output
-    rows = list(csv.DictReader(open(root / "trial-000" / "metrics.csv")))
-    assert [int(m["epoch"]) for m in rows] == [1, 2, 3]  # epochs 1-2 kept, epoch 3 added
-
-
 def test_cross_validation_scores_mean_and_std(tmp_path, tiny_data):
     cfg = base_config(tmp_path, tiny_data)
     spec_file = tmp_path / "cv.yaml"
@@ -167,15 +155,29 @@ def test_a_signal_stops_the_whole_sweep_and_a_rerun_resumes(tmp_path, tiny_data)
     import sys
     import time
     cfg = base_config(tmp_path, tiny_data)
-    cmd = [sys.executable, "-m", "dlbase", "sweep", "--config", str(cfg), "--set", "train.epochs=400"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["sweep", "--config", str(cfg), "--set", "train.epochs=200", "--grid", "optim.lr=[0.01]",
+            "--grid", "model.hidden=[[16]]"]
+    proc = subprocess.Popen([sys.executable, "-m", "dlbase", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     root = tmp_path / "ckpt" / "sw"
-    for _ in range(600):  # wait until the first trial is training
+    for _ in range(600):  # wait until the trial is training
         if (root / "trial-000" / "last.ckpt").exists():
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, (out, err)
     assert "rerun the same command" in err and not (root / "trial-000" / "result.json").exists()
-    assert not (root / "trial-001").exists()  # it did not go on to the next trial
+    stopped = checkpoint_epoch(root / "trial-000" / "last.ckpt")
+    assert 1 <= stopped < 200
+    r = runner.invoke(app, args)  # the same command again: the interrupted trial goes on from its last.ckpt
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(root / "trial-000" / "metrics.csv")))
+    assert [int(m["epoch"]) for m in rows] == list(range(1, 201))  # no epoch lost or repeated
+    r = runner.invoke(app, args[:3] + ["--set", "train.epochs=5"])  # another sweep in the same folder
+    assert r.exit_code == 2 and "holds another sweep" in r.stderr
+
+
+def checkpoint_epoch(path):
+    from dlbase import checkpoint
+    return checkpoint.load(path)["epoch"]

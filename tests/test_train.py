@@ -200,3 +200,43 @@ def test_missing_data_leaves_no_empty_run_folder(tiny_config, tmp_path):
     with pytest.raises(DataError):
         train(load_config(tiny_config, [f"data.root={tmp_path / 'nothing'}"]), log=lambda s: None)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_resume_after_a_partial_epoch_with_more_steps(tiny_config):
+    first = train(load_config(tiny_config, ["train.max_steps=25"]), log=lambda s: None)
+    last = first.folder / "last.ckpt"
+    cfg = load_config(tiny_config, ["train.max_steps=40"])
+    train(cfg, resume=last, resume_payload=checkpoint.load(last), log=lambda s: None)
+    rows = rows_of(first.folder)
+    assert [int(r["step"]) for r in rows] == [10, 20, 25, 35, 40]  # epoch 3 was cut at 25; 4 and 5 go on
+    assert all(math.isfinite(float(r["train_loss"])) and float(r["train_loss"]) > 0 for r in rows)
+
+
+def test_resume_keeps_this_runs_optimiser_settings(tiny_config):
+    first = train(load_config(tiny_config, ["train.epochs=1"]), log=lambda s: None)
+    last = first.folder / "last.ckpt"
+    cfg = load_config(tiny_config, ["train.epochs=2", "optim.weight_decay=0.1", "optim.betas=[0.8, 0.9]"])
+    train(cfg, resume=last, resume_payload=checkpoint.load(last), log=lambda s: None)
+    group = checkpoint.load(last)["optimizer"]["param_groups"][0]
+    assert group["weight_decay"] == 0.1 and tuple(group["betas"]) == (0.8, 0.9)
+
+
+def test_rng_state_from_another_device_is_a_clear_error(tiny_config):
+    first = train(load_config(tiny_config, ["train.epochs=1"]), log=lambda s: None)
+    last = first.folder / "last.ckpt"
+    payload = checkpoint.load(last)
+    payload["rng"]["batcher"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's state looks like
+    payload["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)
+    with pytest.raises(CheckpointError, match="saved on cuda and cannot be restored on cpu"):
+        train(load_config(tiny_config, ["train.epochs=2"]), resume=last, resume_payload=payload, log=lambda s: None)
+
+
+def test_mid_epoch_resume_refuses_another_batch_size(tiny_config):
+    first = train(load_config(tiny_config, ["checkpoint.every_steps=3", "train.epochs=1"]), log=lambda s: None)
+    last = first.folder / "last.ckpt"
+    payload = checkpoint.load(last)
+    payload["in_epoch"] = {"batch": 3, "loss_sum": 1.0}
+    payload["epoch"], payload["step"] = 0, 3
+    with pytest.raises(CheckpointError, match="steps per epoch"):
+        train(load_config(tiny_config, ["train.batch_size=20"]), resume=last, resume_payload=payload,
+              log=lambda s: None)
