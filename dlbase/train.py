@@ -285,6 +285,7 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
             "format_version": checkpoint.FORMAT_VERSION,
             "config": to_dict(cfg),
             "input_shape": list(data.input_shape),
+            # note: device-to-host copies (a sync), only at a checkpoint
             "model": checkpoint.strip_prefixes({k: v.detach().cpu() for k, v in model.state_dict().items()}),
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
