@@ -199,6 +199,37 @@ def sweep(
         raise typer.Exit(130) from None
 
 
+@app.command("export")
+@user_errors
+def export_(
+    ckpt: Path = typer.Argument(..., help="A .ckpt file written by dlbase train.", show_default=False),
+    fmt: str = typer.Option(..., "--format", "-f", help="onnx (dynamic batch axis, encoding inside), "
+                            "safetensors (the resolved config in its metadata) or torchscript.", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: next to the checkpoint, "
+                                       "with the format's suffix).", show_default=False),
+) -> None:
+    """Write a checkpoint's model in a format other tools load: ONNX, safetensors or TorchScript."""
+    from dlbase.export import export
+
+    typer.echo(str(export(ckpt, fmt, out)))
+
+
+@app.command()
+@user_errors
+def predict(
+    ckpt: Path = typer.Argument(..., help="A .ckpt file written by dlbase train.", show_default=False),
+    images: List[Path] = typer.Argument(..., help="PNG or JPEG files of single digits, any size.",
+                                        show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """Classify image files: each is turned to grey, ink-on-black, scaled into a 20x20 box and centred by mass
+    in 28x28, the way MNIST was prepared; prints the label and its probability."""
+    from dlbase.export import predict as run
+
+    for r in run(ckpt, images):
+        typer.echo(json.dumps(r) if as_json else f"{r['image']}: {r['label']}  ({100 * r['probability']:.1f}%)")
+
+
 @config_app.command("show")
 @user_errors
 def config_show(
