@@ -82,7 +82,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, split: DeviceSplit,
                  cfg: TrainConfig, schedule: Schedule, device: torch.device, run_plan: Plan,
-                 model_cfg: Optional[ModelConfig] = None):
+                 model_cfg: Optional[ModelConfig] = None, forward: Optional[nn.Module] = None,
+                 shard: tuple[int, int] = (0, 1)):
         self.model, self.optimizer, self.loss_fn, self.split = model, optimizer, loss_fn, split
         self.model_cfg = model_cfg
         self.manual = cfg.engine == "manual"
@@ -90,7 +91,8 @@ class Engine:
         self.cfg, self.schedule, self.device, self.plan = cfg, schedule, device, run_plan
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_sum = torch.zeros((), device=device)  # sum over samples of the per-sample loss, this epoch
-        self.forward = model
+        self.forward = forward if forward is not None else model  # DDP's wrapper under torchrun
+        self.shard = shard  # (rank, world): this process trains on its slice of every global batch
         if run_plan.compile in COMPILE_MODES:
             self.forward = torch.compile(model, mode=run_plan.compile)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
@@ -202,7 +204,11 @@ class Engine:
         while k < stop and not should_stop():
             self._set_lr(step + k - start)
             idx = perm[k * B:(k + 1) * B]
-            self._step(idx, idx.shape[0])
+            if self.shard[1] > 1:  # torchrun: this rank's part of the global batch; one too small to share
+                rank, world = self.shard  # is skipped by every rank alike (DDP needs all ranks in each step)
+                idx = idx.tensor_split(world)[rank] if idx.shape[0] >= world else idx[:0]
+            if idx.shape[0]:
+                self._step(idx, idx.shape[0])
             on_step(step + k - start)
             k += 1
         return k - start

@@ -24,7 +24,7 @@ class Preemption:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_CODES.get(self.signum, 1)
+        return EXIT_CODES.get(self.signum, 143)  # under torchrun a rank may stop on another rank's SIGTERM
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if self.signum is not None and signum == signal.SIGINT:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import random
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dlbase import checkpoint
+from dlbase import checkpoint, distributed
 from dlbase.config import Config, config_from_dict, to_dict, to_yaml
 from dlbase.data import Batcher, Dataset, load_dataset
 from dlbase.engine import Engine, plan, set_matmul_precision
@@ -184,6 +185,20 @@ def _no_op(step: int) -> None:
     pass
 
 
+def _no_log(line: str) -> None:
+    pass
+
+
+def _check_distributed(cfg: Config, world: int) -> None:
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is the global batch and must divide among "
+                          f"the {world} ranks (each takes batch_size / {world})")
+    if cfg.train.engine == "manual":
+        raise ConfigError("train.engine: manual computes gradients without DDP's all-reduce; use autograd with torchrun")
+    if cfg.train.compile not in ("auto", "none"):
+        raise ConfigError(f"train.compile: {cfg.train.compile} is not supported under torchrun yet; use auto or none")
+
+
 class Monitor:
     """Tracks the metric that picks best.ckpt, and early stopping's patience (in epochs)."""
 
@@ -223,13 +238,20 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
 
     folder: use this run folder (a sweep's trial) instead of <checkpoint.dir>/<name>[-N]; dataset: data already
     on the device (a sweep loads it once for all its trials)."""
-    device = resolve_device(cfg.device)
+    group, device_spec = distributed.setup(cfg.device)  # torchrun: one process per device, PyTorch's own DDP
+    device = resolve_device(device_spec)
     run_plan = plan(cfg.train, device, cfg.model.encoding.name, cfg.optim.name)
+    if group.enabled:
+        _check_distributed(cfg, group.world)
+        run_plan = dataclasses.replace(run_plan, compile="none")  # DDP steps run eagerly
+        log = log if group.main else _no_log  # rank 0 speaks and writes; the others train
     set_matmul_precision(run_plan, device)
     seed_everything(cfg.seed)
     data: Dataset = dataset or load_dataset(cfg.data, cfg.seed, device, run_plan.data_dtype)  # first: no empty folder
-    folder = Path(folder) if folder is not None else resume.parent if resume is not None else new_run_dir(cfg)
-    check_writable(folder)  # before any training time is spent
+    if group.main:
+        folder = Path(folder) if folder is not None else resume.parent if resume is not None else new_run_dir(cfg)
+        check_writable(folder)  # before any training time is spent
+    folder = Path(group.broadcast(str(folder) if group.main else None))  # every rank agrees on one run folder
 
     model = build_model(cfg, data.input_shape, device)
     optimizer = build_optimizer(model.parameters(), cfg.optim, device, graph=run_plan.compile == "graph")
@@ -265,18 +287,25 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
         why = "stopped early" if monitor.should_stop else f"finished {step} of {total_steps} steps"
         log(f"nothing to do: the run in {folder} {why}; raise train.epochs or train.max_steps "
             f"(--set train.epochs=N) to train on")
+        group.close()
         return RunResult(folder, start_epoch, monitor.metric, monitor.value, monitor.epoch, rows[-1] if rows else {})
-    _write_atomic(folder / "config.yaml", lambda fh: fh.write(to_yaml(cfg)))
+    if group.main:
+        _write_atomic(folder / "config.yaml", lambda fh: fh.write(to_yaml(cfg)))
     log(f"run folder: {folder}  (config.yaml, metrics.csv, last.ckpt, best.ckpt, curves.png, gradnorms.png)")
     log(f"data: {data.folder}  train {len(data.train)}, val {len(data.val) if data.val else 0}, "
         f"test {len(data.test)} on {device}  ({run_plan.describe()})")
 
-    engine = Engine(model, optimizer, loss_fn, data.train, cfg.train, schedule, device, run_plan, cfg.model)
+    forward = None
+    if group.enabled:  # gradients are averaged across ranks inside backward()
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                            else None)
+    engine = Engine(model, optimizer, loss_fn, data.train, cfg.train, schedule, device, run_plan, cfg.model,
+                    forward=forward, shard=(group.rank, group.world))
     if engine.prewarm():
         log(f"start-up: CUDA kernels loaded on a throwaway copy in {engine.prewarm_seconds:.2f}s")
     in_epoch = (resume_payload or {}).get("in_epoch")  # a mid-epoch checkpoint: where in its epoch we were
     if in_epoch:
-        engine.set_loss_sum(float(in_epoch["loss_sum"]))
+        engine.set_loss_sum(float(in_epoch["loss_sum"]) if group.main else 0.0)  # the saved sum is all ranks' 
 
     def payload(epoch: int, metrics: dict, epoch_rng: Optional[torch.Tensor] = None, batch: int = 0) -> dict:
         """A checkpoint: plain values and tensors only. epoch: completed epochs. A mid-epoch one also holds
@@ -297,12 +326,13 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
         }
         if epoch_rng is not None:
             out["rng"]["batcher"] = epoch_rng
-            out["in_epoch"] = {"batch": batch, "loss_sum": engine.loss_sum.item()}  # note: sync, at a checkpoint
+            total = group.sum(engine.loss_sum.clone())  # all ranks' partial sums (every rank builds the payload)
+            out["in_epoch"] = {"batch": batch, "loss_sum": total.item()}  # note: sync, at a checkpoint
         return out
 
     def check_finite(epoch: int) -> None:
         """The NaN guard, at every check (checkpoints, epoch ends): stop before anything non-finite is saved."""
-        if not math.isfinite(engine.loss_sum.item()):  # note: CPU-GPU sync, at a boundary
+        if not math.isfinite(group.sum(engine.loss_sum.clone()).item()):  # note: sync, at a boundary; all agree
             kept = (f"{folder / 'last.ckpt'} and best.ckpt keep the last finite weights"
                     if (folder / "last.ckpt").exists() else "no checkpoint had been written yet")
             raise TrainingDiverged(
@@ -310,7 +340,24 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
                 f"{schedule(max(0, step - 1)):.3g}); stopped without saving: {kept}; lower optim.lr or set "
                 f"train.grad_clip")
 
-    show_bar = sys.stderr.isatty()  # a live bar only on a terminal; logs and CI get the epoch lines alone
+    show_bar = sys.stderr.isatty() and group.main  # a live bar only on a terminal; logs get the epoch lines alone
+    stop_agreed = [False]  # a stop request every rank has agreed on (one process: the local flag)
+    calls = [0]
+
+    def agree_stop() -> bool:
+        stop_agreed[0] = group.any(preempt.requested, device) if group.enabled else preempt.requested
+        return stop_agreed[0]
+
+    def should_stop() -> bool:  # asked before each step; ranks agree every STOP_CHECK_EVERY steps
+        if not group.enabled:
+            return agree_stop()
+        calls[0] += 1
+        return agree_stop() if calls[0] % distributed.STOP_CHECK_EVERY == 0 else stop_agreed[0]
+
+    def save(name: str, ckpt: dict) -> None:
+        if group.main:
+            checkpoint.save(folder / name, ckpt)
+
     every = cfg.checkpoint.every_steps
     epoch = start_epoch  # the loop counts epochs up from here
     train_seconds = 0.0
@@ -340,24 +387,24 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
                 # run to the next mid-epoch checkpoint (a multiple of every_steps), the epoch's end, or a signal
                 stop = n_steps if every is None else min(n_steps, k + every - (step % every))
                 done = engine.epoch(perm, step, k, stop, on_step if show_bar else _no_op,
-                                    lambda: preempt.requested)
+                                    should_stop)
                 k += done
                 step += done
                 if k < n_steps:  # a mid-epoch boundary: every_steps reached, or asked to stop
                     check_finite(epoch)
-                    checkpoint.save(folder / "last.ckpt", payload(epoch - 1, {}, epoch_rng, k))
+                    save("last.ckpt", payload(epoch - 1, {}, epoch_rng, k))
                     in_epoch = {"batch": k}
-                    if preempt.requested:
+                    if stop_agreed[0]:
                         break
             bar.close()
-            if preempt.requested and k < n_steps:
+            if stop_agreed[0] and k < n_steps:
                 status = "preempted"
                 break
             lr = schedule(step - 1)
 
             # ---- epoch boundary: the host syncs below are where they belong
             check_finite(epoch)
-            train_loss = engine.take_loss_sum().item() / max(1, seen)  # note: CPU-GPU sync, once per epoch
+            train_loss = group.sum(engine.take_loss_sum()).item() / max(1, seen)  # note: sync, once per epoch
             in_epoch = None
             epoch_train_seconds = time.perf_counter() - t0
             train_seconds += epoch_train_seconds
@@ -384,9 +431,10 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
             # best, then metrics, then last: a kill between them leaves last.ckpt at the previous epoch, and
             # resuming from it redoes this epoch, rewriting all three
             if improved:
-                checkpoint.save(folder / "best.ckpt", ckpt)
-            _write_metrics(metrics_path, rows)
-            checkpoint.save(folder / "last.ckpt", ckpt)
+                save("best.ckpt", ckpt)
+            if group.main:
+                _write_metrics(metrics_path, rows)
+            save("last.ckpt", ckpt)
             val_text = (f"  val_loss {val['loss']:.4f} (gap {val['loss'] - train_loss:+.4f})  val_acc "
                         f"{100 * val['accuracy']:.2f}%") if val else ""
             log(f"epoch {epoch}/{epochs}  train_loss {train_loss:.4f}{val_text}  lr {lr:.3g}  {seconds:.1f}s"
@@ -396,7 +444,7 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
                     f"(train.early_stop.patience={monitor.patience})")
                 status = "early_stopped"
                 break
-            if preempt.requested:  # the signal came with the epoch's last step: its checkpoint is the stop
+            if agree_stop():  # the signal came with the epoch's last step: its checkpoint is the stop
                 status = "preempted"
                 break
 
@@ -404,9 +452,10 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
         log(f"stopped by {signal.Signals(preempt.signum).name} at step {step} (epoch {epoch}); everything up "
             f"to it is in {folder / 'last.ckpt'}. To go on:")
         log(f"  dlbase train --resume {folder / 'last.ckpt'}")
+        group.close()
         return RunResult(folder, epoch, monitor.metric, monitor.value, monitor.epoch, rows[-1] if rows else {},
                          train_seconds, status, preempt.exit_code)
-    if rows:
+    if rows and group.main:
         try:
             from dlbase.report import plot_run
             plot_run(folder)  # curves.png, gradnorms.png
@@ -415,6 +464,7 @@ def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[d
     peak = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else ""
     log(f"done: {monitor.describe()} -> {folder / 'best.ckpt'}  (training steps {train_seconds:.2f}s{peak})")
     log(f"test it: dlbase eval {folder / 'best.ckpt'}")
+    group.close()
     return RunResult(folder, epoch, monitor.metric, monitor.value, monitor.epoch, rows[-1] if rows else {},
                      train_seconds, status)
 

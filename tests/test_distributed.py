@@ -1,0 +1,47 @@
+"""torchrun data parallelism: 2 CPU processes (gloo) against one process with the same global batch."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlbase import checkpoint
+from dlbase.config import load_config
+from dlbase.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def losses(folder: Path) -> list[float]:
+    with open(folder / "metrics.csv") as fh:
+        return [float(r["train_loss"]) for r in csv.DictReader(fh)]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_two_processes_follow_one_with_the_same_global_batch(tiny_config, tmp_path):
+    sets = ["train.epochs=3", "model.hidden=[32]", "schedule.name=cosine"]
+    single = train(load_config(tiny_config, sets + [f"checkpoint.dir={tmp_path / 'one'}"]), log=lambda s: None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "dlbase", "train", "--config", str(tiny_config), *[x for s in sets for x in ("--set", s)],
+           "--set", f"checkpoint.dir={tmp_path / 'two'}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    runs = [p for p in (tmp_path / "two").iterdir()]
+    assert [p.name for p in runs] == ["tiny"]  # one run folder, agreed by both ranks
+    assert sorted(p.name for p in runs[0].iterdir()) == sorted(p.name for p in single.folder.iterdir())
+    assert r.stdout.count("run folder:") == 1  # only rank 0 speaks
+    assert losses(runs[0]) == pytest.approx(losses(single.folder), rel=1e-4)
+    a, b = checkpoint.load(single.folder / "last.ckpt")["model"], checkpoint.load(runs[0] / "last.ckpt")["model"]
+    assert a.keys() == b.keys()  # no DDP "module." prefixes: it loads in one process
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_global_batch_must_divide_among_ranks(tiny_config, monkeypatch):
+    from dlbase.errors import ConfigError
+    from dlbase.train import _check_distributed
+    with pytest.raises(ConfigError, match="train.batch_size: 50 is the global batch"):
+        _check_distributed(load_config(tiny_config), 3)
