@@ -45,3 +45,32 @@ def test_global_batch_must_divide_among_ranks(tiny_config, monkeypatch):
     from dlbase.train import _check_distributed
     with pytest.raises(ConfigError, match="train.batch_size: 50 is the global batch"):
         _check_distributed(load_config(tiny_config), 3)
+
+
+def torchrun(*args, env_extra=None, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "dlbase", *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_resume_across_world_sizes(tiny_config, tmp_path):
+    sets = ["model.hidden=[32]", f"checkpoint.dir={tmp_path / 'ck'}"]  # a constant lr: the same at any length
+    ref = train(load_config(tiny_config, sets + ["train.epochs=3", f"checkpoint.dir={tmp_path / 'ref'}"]),
+                log=lambda s: None)
+    first = train(load_config(tiny_config, sets + ["train.epochs=1"]), log=lambda s: None)
+    last = first.folder / "last.ckpt"
+    # one process -> two: the run goes on under torchrun from the single-process checkpoint
+    r = torchrun("train", "--resume", last, "--set", "train.epochs=2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert checkpoint.load(last)["epoch"] == 2
+    # two -> one: and back in a single process to the end
+    r = subprocess.run([sys.executable, "-m", "dlbase", "train", "--resume", str(last), "--set", "train.epochs=3"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert losses(first.folder) == pytest.approx(losses(ref.folder), rel=1e-4)
+
+
+def test_nan_guard_under_torchrun(tiny_config):
+    r = torchrun("train", "--config", tiny_config, "--set", "optim.name=momentum", "--set", "optim.lr=1e6",
+                 "--set", "model.hidden=[64,64]")
+    assert r.returncode != 0 and "non-finite" in r.stderr
