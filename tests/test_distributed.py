@@ -74,3 +74,29 @@ def test_nan_guard_under_torchrun(tiny_config):
     r = torchrun("train", "--config", tiny_config, "--set", "optim.name=momentum", "--set", "optim.lr=1e6",
                  "--set", "model.hidden=[64,64]")
     assert r.returncode != 0 and "non-finite" in r.stderr
+
+
+def test_sigterm_under_torchrun_stops_every_rank_with_a_checkpoint(tiny_config, tmp_path):
+    import signal
+    import time
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "dlbase", "train", "--config", str(tiny_config), "--set", "train.epochs=400",
+                             "--set", "train.batch_size=10"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    last = tmp_path / "ckpt" / "tiny" / "last.ckpt"
+    for _ in range(600):
+        if last.exists():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "dlbase train --resume" in out, out + err
+    stopped = checkpoint.load(last)
+    assert 0 < stopped["step"] < 400 * 50
+    target = stopped["epoch"] + 2  # one process goes on from the two ranks' checkpoint
+    r = subprocess.run([sys.executable, "-m", "dlbase", "train", "--resume", str(last), "--set",
+                        f"train.epochs={target}"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert checkpoint.load(last)["epoch"] == target
