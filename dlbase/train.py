@@ -177,7 +177,7 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, path: O
         on_device = group.get("fused") or group.get("capturable")
         for p in group["params"]:
             st = optimizer.state.get(p, {})
-            if torch.is_tensor(st.get("step")):
+            if torch.is_tensor(st.get("step")):  # once, at resume: not in any step
                 st["step"] = st["step"].to(p.device, torch.float32) if on_device else st["step"].cpu()
 
 
