@@ -80,11 +80,17 @@ def torchvision_root(tmp: Path, data_folder: Path) -> Path:
     return tmp
 
 
+def _subset(ds, cfg):
+    """The first data.subset samples (--samples), as dlbase's ways take them."""
+    from torch.utils.data import Subset
+    return Subset(ds, range(cfg.data.subset)) if cfg.data.subset else ds
+
+
 def dataloader_way(cfg, device, root: Path, batch_size: int, workers: int):
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
-    ds = datasets.MNIST(str(root), train=True, download=False, transform=tf)
+    ds = _subset(datasets.MNIST(str(root), train=True, download=False, transform=tf), cfg)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
                         pin_memory=workers > 0 and device.type == "cuda", persistent_workers=workers > 0)
     torch.manual_seed(0)
@@ -109,7 +115,7 @@ def lightning_way(cfg, device, root: Path, batch_size: int, warmup: int, epochs:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
-    ds = datasets.MNIST(str(root), train=True, download=False, transform=tf)
+    ds = _subset(datasets.MNIST(str(root), train=True, download=False, transform=tf), cfg)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=4, pin_memory=device.type == "cuda",
                         persistent_workers=True)
 
@@ -161,7 +167,7 @@ def dlbase_way(cfg, device, precision: str, compile_mode: str):
 
     def run_epoch():
         model.train()
-        engine.epoch(batcher.perm(), state["step"], spe, lambda s: None)
+        engine.epoch(batcher.perm(), state["step"], 0, spe, lambda s: None)
         state["step"] += spe
         engine.take_loss_sum()
     return run_epoch
@@ -176,17 +182,20 @@ def main() -> None:
     ap.add_argument("--ways", nargs="*", help="which ways to run (default: all that apply to the device)")
     ap.add_argument("--data-root", help="folder with the MNIST IDX files (default: dlbase's search)")
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="train on the first N samples only (a quick check; the tables use all 60,000)")
     args = ap.parse_args()
 
     device = torch.device(args.device)
     cfg = load_config(None, [f"train.batch_size={args.batch_size}", "data.val_size=0", "data.download=false",
-                             f"device={args.device}"] + ([f"data.root={args.data_root}"] if args.data_root else []))
+                             f"device={args.device}"] + ([f"data.root={args.data_root}"] if args.data_root else [])
+                      + ([f"data.subset={args.samples}"] if args.samples else []))
     ways = args.ways or (["dataloader_w0", "dataloader_w4", "lightning", "dlbase_eager"]
                          + (["dlbase_graph_fp32", "dlbase_graph_tf32", "dlbase_graph_bf16"]
                             if device.type == "cuda" else ["dlbase_compile"]))
     data_folder = locate(cfg.data.root, "mnist", download=False)
-    n = 60000
-    rows = []
+    n = cfg.data.subset or 60000
+    rows, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         root = torchvision_root(Path(tmp), data_folder)
         for way in ways:
@@ -210,6 +219,7 @@ def main() -> None:
                 continue
             except Exception as e:  # one broken way must not hide the others' numbers
                 print(f"{way}: FAILED ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", flush=True)
+                failed.append(way)
                 continue
             s = sum(times) / len(times)
             # this way's own peak: what it allocated above what was already there
@@ -232,7 +242,9 @@ def main() -> None:
         lines.append(f"| {r['way']} | {r['s_per_epoch']:.4f} | {r['samples_per_s']:,.0f} | {peak} | {ratio} |")
     print("\n".join(lines))
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"header": header, "rows": rows, "failed": failed}, indent=2))
+    if failed:
+        sys.exit(f"bench: {len(failed)} way(s) FAILED: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,58 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call of the device tool (about 4 minutes on an H100/H200):
-# CUDA tests, bench at batch 128 and 512, the speedrun over 5 seeds, and (--results) the results table on CUDA.
+# Everything that needs a GPU, in one call of the device tool (about 5 minutes on an H100/H200):
+# the CUDA tests, the speedrun over 5 seeds, bench at batch 128 and 512, a whole-command profile, and
+# (--results) the results table on CUDA. Stops at the first failing step with one line naming it
+# (KEEP_GOING=1 runs every step and exits non-zero at the end if any failed).
 # Run from the repo root with the MNIST IDX files in .data/mnist (or DLBASE_DATA set); outputs go to $OUT.
-set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 DLBASE_DATA=${DLBASE_DATA:-$PWD/.data/mnist}
+#   bash scripts/device_check.sh              # on a GPU machine
+#   DEVICE_CHECK_TINY=1 bash scripts/device_check.sh   # the same steps on the CPU on a few samples (tests)
+set -uo pipefail
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DLBASE_DATA=${DLBASE_DATA:-$PWD/.data/mnist}
 OUT=${OUT:-/tmp/dlbase-device}
 mkdir -p "$OUT"
-{
-  date -u
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())"
-  echo "== CUDA tests"
-  timeout 120 python3 -m pytest -q -m cuda tests/ -p no:cacheprovider -rA 2>&1 | grep -E "passed|failed|PASSED|FAILED|Error|peak" | tail -40
-  echo "== speedrun"
-  timeout 100 python3 scripts/speedrun.py --seeds 5 --json "$OUT/speedrun.json" 2>&1
-  for b in 128 512; do
-    echo "== bench $b"
-    timeout 80 python3 scripts/bench.py --batch-size $b --warmup 1 --epochs 1 --json "$OUT/bench$b.json" 2>&1 | grep -E "^\||s/epoch|FAILED|NVIDIA"
-  done
-  if [ "${1:-}" = "--results" ]; then
-    echo "== results"
-    timeout 150 python3 scripts/results.py --set device=cuda --out "$OUT/RESULTS_cuda.md" --json "$OUT/results_cuda.json" 2>&1 | grep "^=="
+LOG="$OUT/log.txt"
+failed=()
+
+step() {  # step NAME SECONDS COMMAND...: run one step with a time limit; stop (or note) on failure
+  local name=$1 limit=$2; shift 2
+  echo "== $name" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    local why="exit $rc"; [ "$rc" -eq 124 ] && why="timed out after ${limit}s"
+    echo "device_check: FAILED at '$name' ($why)" | tee -a "$LOG"
+    failed+=("$name")
+    [ "${KEEP_GOING:-0}" = 1 ] || exit 1
   fi
-  date -u
-} 2>&1 | tee "$OUT/log.txt"
+}
+
+: > "$LOG"
+date -u | tee -a "$LOG"
+if [ "${DEVICE_CHECK_TINY:-0}" = 1 ]; then  # CPU, a few samples: proves every step still runs
+  DEV=(--device cpu); SETS=(--set device=cpu --set data.subset=400 --set data.val_size=100 --set train.epochs=1)
+  BENCH=(--samples 300 --warmup 0 --epochs 1 --ways dataloader_w0 dlbase_eager); SEEDS=1
+else
+  DEV=(); SETS=(); BENCH=(--warmup 1 --epochs 2); SEEDS=5
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$LOG"
+fi
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" | tee -a "$LOG"
+step "CUDA tests" 300 python3 -m pytest -q -m cuda tests/ -p no:cacheprovider -rfE
+step "speedrun" 200 python3 scripts/speedrun.py --seeds "$SEEDS" "${SETS[@]}" --json "$OUT/speedrun.json"
+for b in 128 512; do
+  step "bench $b" 150 python3 scripts/bench.py "${DEV[@]}" --batch-size $b "${BENCH[@]}" --json "$OUT/bench$b.json"
+done
+step "import profile" 60 bash -c 'python3 -X importtime -m dlbase --help 2> "$0/importtime.txt" >/dev/null' "$OUT"
+step "command profile" 120 python3 -m cProfile -o "$OUT/train.prof" -m dlbase train --config configs/mnist_speedrun.yaml \
+  "${SETS[@]}" --set checkpoint.dir="$OUT/ckpt" --set name=profile
+python3 -c "import pstats,sys; pstats.Stats(sys.argv[1]).sort_stats('cumulative').print_stats(45)" "$OUT/train.prof" \
+  > "$OUT/train_profile.txt" 2>&1 || true
+rm -rf "$OUT/ckpt"
+if [ "${1:-}" = "--results" ]; then
+  step "results" 300 python3 scripts/results.py "${SETS[@]}" --out "$OUT/RESULTS_device.md" --json "$OUT/results_device.json"
+fi
+date -u | tee -a "$LOG"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "device_check: ${#failed[@]} step(s) FAILED: ${failed[*]}" | tee -a "$LOG"
+  exit 1
+fi
+echo "device_check: all steps passed" | tee -a "$LOG"
