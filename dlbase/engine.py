@@ -6,6 +6,7 @@ every step is summed into a device tensor that the loop reads once per epoch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -13,11 +14,11 @@ import torch
 from torch import nn
 
 from dlbase import backprop
-from dlbase.config import GRAPH_OPTIMIZERS, ModelConfig, TrainConfig
 from dlbase.data import DeviceSplit
 from dlbase.errors import ConfigError
 from dlbase.loss import LossFn
 from dlbase.optim import Schedule
+from dlbase.schema import GRAPH_OPTIMIZERS, Config, ModelConfig, TrainConfig
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuBLAS workspaces, optimiser state)
@@ -36,21 +37,67 @@ class Plan:
         return f"precision {self.precision}, compile {self.compile}, engine {self.engine}"
 
 
-def plan(cfg: TrainConfig, device: torch.device, encoding: str, optimizer: str = "adam") -> Plan:
-    """Resolve train.precision and train.compile for this device, refusing what cannot run here."""
-    cuda = device.type == "cuda"
-    manual = cfg.engine == "manual"  # the hand-written backward runs eagerly, in fp32
+def resolve_device(spec: str) -> torch.device:
+    """device: auto | cpu | cuda | cuda:N -> the torch device, refusing what this machine does not have."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {spec!r} asked for, but CUDA is not available here; use auto or cpu")
+        index = int(spec.split(":")[1]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {spec!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(spec)
+
+
+def _resolve(cfg: TrainConfig, device: torch.device, optimizer: str) -> tuple[str, str]:
+    """What train.precision and train.compile's `auto` become on this device."""
+    cuda, manual = device.type == "cuda", cfg.engine == "manual"  # the hand-written backward runs eagerly, fp32
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda and not manual else "fp32")
     mode = cfg.compile
     if mode == "auto":
         mode = "graph" if cuda and optimizer in GRAPH_OPTIMIZERS and not manual else "none"
-    if precision == "tf32" and not cuda:
-        raise ConfigError(f"train.precision: tf32 is a CUDA matmul mode; the device is {device} (use fp32)")
-    if mode == "graph" and not cuda:
-        raise ConfigError(f"train.compile: graph captures CUDA graphs; the device is {device} (use none, or a "
-                          f"torch.compile mode)")
+    return precision, mode
+
+
+def reasons(cfg: Config, device: torch.device, world: int = 1) -> list[tuple[str, str]]:
+    """Every reason this (valid) config cannot run on this device with this many torchrun ranks, as
+    (dotted key, why). The device-independent rules are the config's own (schema.cross_checks)."""
+    precision, mode = _resolve(cfg.train, device, cfg.optim.name)
+    bad = []
+    if precision == "tf32" and device.type != "cuda":
+        bad.append(("train.precision", f"tf32 is a CUDA matmul mode; the device is {device} (use fp32)"))
+    if mode == "graph" and device.type != "cuda":
+        bad.append(("train.compile", f"graph captures CUDA graphs; the device is {device} (use none, or a "
+                                     f"torch.compile mode)"))
+    if world > 1:
+        t = cfg.train
+        if t.batch_size % world:
+            bad.append(("train.batch_size", f"{t.batch_size} is the global batch and must divide among the {world} "
+                                            f"ranks (each takes batch_size / {world})"))
+        if t.engine == "manual":
+            bad.append(("train.engine", "manual computes gradients without DDP's all-reduce; use autograd with "
+                                        "torchrun"))
+        if t.compile not in ("auto", "none"):
+            bad.append(("train.compile", f"{t.compile} is not supported under torchrun yet; use auto or none"))
+    return bad
+
+
+def plan_run(cfg: Config, device: torch.device, world: int = 1) -> "Plan":
+    """The Plan for this config on this device, or one ConfigError naming every reason it cannot run here."""
+    bad = reasons(cfg, device, world)
+    if bad:
+        raise ConfigError("; ".join(f"{key}: {why}" for key, why in bad))
+    p = plan(cfg.train, device, cfg.model.encoding.name, cfg.optim.name)
+    return dataclasses.replace(p, compile="none") if world > 1 else p  # DDP steps run eagerly
+
+
+def plan(cfg: TrainConfig, device: torch.device, encoding: str, optimizer: str = "adam") -> Plan:
+    """Resolve train.precision and train.compile for this device (plan_run checks first that it can run)."""
+    precision, mode = _resolve(cfg, device, optimizer)
     # bf16 inputs save a cast per step; encodings compute sin/cos of p and want fp32 inputs
-    data_dtype = torch.bfloat16 if precision == "bf16" and encoding == "none" and cuda else torch.float32
+    data_dtype = torch.bfloat16 if precision == "bf16" and encoding == "none" and device.type == "cuda" \
+        else torch.float32
     return Plan(precision, mode, data_dtype, cfg.engine)
 
 

@@ -28,7 +28,7 @@ class WithProbabilities(nn.Module):
 
 def export(ckpt: Path, fmt: str, out: Optional[Path] = None) -> Path:
     """Write the checkpoint's model in `fmt` next to it (or to `out`); returns the path."""
-    from dlbase.train import load_for_eval
+    from dlbase.state import load_for_eval
     if fmt not in FORMATS:
         raise DlbaseError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
     cfg, model, payload = load_for_eval(ckpt, torch.device("cpu"))
@@ -98,7 +98,7 @@ def load_image(path: Path, size: tuple[int, int] = (28, 28)) -> torch.Tensor:
 
 
 def predict(ckpt: Path, images: list[Path]) -> list[dict]:
-    from dlbase.train import load_for_eval
+    from dlbase.state import load_for_eval
     cfg, model, payload = load_for_eval(ckpt, torch.device("cpu"))
     model.eval()
     h, w = payload["input_shape"]

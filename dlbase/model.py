@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dlbase.config import ModelConfig
+from dlbase.schema import Config, ModelConfig
 from dlbase.encoding import build_encoding
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU,
@@ -55,3 +55,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_features) float in [0, 1] -> logits (B, num_classes)."""
         return self.net(self.encoding(x))
+
+
+def build_model(cfg: Config, input_shape: tuple[int, int], device: torch.device) -> MLP:
+    """The run's MLP for images of input_shape (height, width), on device."""
+    return MLP(cfg.model, in_features=input_shape[0] * input_shape[1]).to(device)

@@ -3,85 +3,40 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
-from dlbase.config import FUSED_OPTIMIZERS, OptimConfig, ScheduleConfig
+from dlbase.schema import OPTIM_INFO, OptimConfig, ScheduleConfig
 
 
-def _sgd(params, c: OptimConfig, kw) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=c.lr, weight_decay=c.weight_decay, **kw)
-
-
-def _momentum(params, c: OptimConfig, kw) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, **kw)
-
-
-def _nesterov(params, c: OptimConfig, kw) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=True, weight_decay=c.weight_decay, **kw)
-
-
-def _adagrad(params, c: OptimConfig, kw) -> torch.optim.Optimizer:
-    return torch.optim.Adagrad(params, lr=c.lr, eps=c.eps, weight_decay=c.weight_decay, **kw)
-
-
-def _rmsprop(params, c: OptimConfig, kw) -> torch.optim.Optimizer:
-    return torch.optim.RMSprop(params, lr=c.lr, alpha=c.alpha, eps=c.eps, weight_decay=c.weight_decay, **kw)
-
-
-def _adadelta(params, c: OptimConfig, kw) -> torch.optim.Optimizer:
-    return torch.optim.Adadelta(params, lr=c.lr, rho=c.rho, eps=c.eps, weight_decay=c.weight_decay, **kw)
-
-
-def _adam(params, c: OptimConfig, kw) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay, **kw)
-
-
-def _adamw(params, c: OptimConfig, kw) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay, **kw)
-
-
-# name -> constructor (D2L chapter 11's optimisers); config.OPTIMIZERS lists the same names (a test keeps them equal).
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": _sgd, "momentum": _momentum, "nesterov": _nesterov, "adagrad": _adagrad, "rmsprop": _rmsprop,
-    "adadelta": _adadelta, "adam": _adam, "adamw": _adamw,
-}
-# which OptimConfig fields each optimiser reads (the README's table comes from here)
-OPTIMIZER_PARAMS = {
-    "sgd": ("lr", "weight_decay"), "momentum": ("lr", "momentum", "weight_decay"),
-    "nesterov": ("lr", "momentum", "weight_decay"), "adagrad": ("lr", "eps", "weight_decay"),
-    "rmsprop": ("lr", "alpha", "eps", "weight_decay"), "adadelta": ("lr", "rho", "eps", "weight_decay"),
-    "adam": ("lr", "betas", "eps", "weight_decay"), "adamw": ("lr", "betas", "eps", "weight_decay"),
-}
+# which OptimConfig fields each optimiser reads (the README's table): from the one capability table
+OPTIMIZER_PARAMS = {name: info.reads for name, info in OPTIM_INFO.items()}
 
 
 def _impl_kwargs(cfg: OptimConfig, device: torch.device, graph: bool) -> dict:
-    """fused / foreach / for_loop flags. auto: torch's fused kernel on CUDA where it exists, else its default.
+    """fused / foreach / capturable flags. auto: torch's fused kernel on CUDA where it exists, else its default.
 
     graph: the step will be captured in a CUDA graph with the lr as a device tensor, which needs torch's
-    fused kernel or its capturable foreach one (the config refuses optimisers that have neither).
+    fused kernel or its capturable foreach one (OPTIM_INFO says which; the config refuses the others).
     """
-    impl = cfg.impl
+    info = OPTIM_INFO[cfg.name]
     if graph:
-        if cfg.name in ("sgd", "momentum", "nesterov"):
-            return {"fused": True}  # torch's fused SGD takes a device lr and has no host-side state
-        return {"fused": True, "capturable": True} if cfg.name in ("adam", "adamw") else {"capturable": True,
-                                                                                          "foreach": True}
+        assert info.graph_kwargs is not None, f"{cfg.name} cannot be graph-captured (the config check lets it by)"
+        return dict(info.graph_kwargs)
+    impl = cfg.impl
     if impl == "auto":
-        impl = "fused" if device.type == "cuda" and cfg.name in FUSED_OPTIMIZERS else "default"
-    if impl == "fused":
-        return {"fused": True}
-    if impl == "foreach":
-        return {"foreach": True}
-    if impl == "for_loop":
-        return {"foreach": False}
-    return {}
+        impl = "fused" if device.type == "cuda" and info.fused else "default"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}.get(impl, {})
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig,
                     device: torch.device = torch.device("cpu"), graph: bool = False) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.name](list(params), cfg, _impl_kwargs(cfg, device, graph))
+    """The torch optimiser OPTIM_INFO names, given the config fields it reads (and no others)."""
+    info = OPTIM_INFO[cfg.name]
+    kwargs = {k: getattr(cfg, k) for k in info.reads}
+    return getattr(torch.optim, info.torch_class)(list(params), **kwargs, **info.extra,
+                                                  **_impl_kwargs(cfg, device, graph))
 
 
 class Schedule:

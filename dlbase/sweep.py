@@ -181,7 +181,9 @@ def run_sweep(base_raw: dict, spec: SweepSpec, source: str, sets: list[str],
     from dlbase.data import load_dataset
     from dlbase.evaluate import evaluate
     from dlbase.loss import build_eval_loss
-    from dlbase.train import load_for_eval, resolve_device, train
+    from dlbase.engine import resolve_device
+    from dlbase.state import load_for_eval
+    from dlbase.train import train
 
     base = config_from_dict(base_raw, source, sets)
     root = Path(base.checkpoint.dir).expanduser() / spec.name

@@ -18,7 +18,8 @@ sys.path.insert(0, str(REPO))
 from dlbase.config import load_config  # noqa: E402
 from dlbase.data import load_dataset  # noqa: E402
 from dlbase.report import eval_report  # noqa: E402
-from dlbase.train import load_for_eval, train  # noqa: E402
+from dlbase.state import load_for_eval  # noqa: E402
+from dlbase.train import train  # noqa: E402
 
 DOCS = REPO / "docs"
 

@@ -27,7 +27,9 @@ from dlbase.config import load_config  # noqa: E402
 from dlbase.data import load_dataset  # noqa: E402
 from dlbase.evaluate import evaluate  # noqa: E402
 from dlbase.loss import build_eval_loss  # noqa: E402
-from dlbase.train import load_for_eval, resolve_device, train  # noqa: E402
+from dlbase.engine import resolve_device  # noqa: E402
+from dlbase.state import load_for_eval  # noqa: E402
+from dlbase.train import train  # noqa: E402
 
 
 def run_one(path: Path, sets: list[str], ckpt_dir: str) -> dict:

@@ -93,7 +93,7 @@ def test_manual_engine_refuses_learned_encodings(tiny_config):
 def test_manual_engine_on_the_notes_network_matches_autograd_on_mnist(mnist_root, tmp_path):
     from dlbase.data import load_dataset
     from dlbase.evaluate import evaluate
-    from dlbase.train import load_for_eval
+    from dlbase.state import load_for_eval
     accs = {}
     for engine in ("autograd", "manual"):
         cfg = load_config(REPO / "configs" / "mnist_sigmoid_mse.yaml",

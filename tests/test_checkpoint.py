@@ -10,13 +10,17 @@ from dlbase.errors import CheckpointError
 
 
 def payload(**extra):
+    """A complete format-1 payload (checkpoint.Payload)."""
     return {"format_version": checkpoint.FORMAT_VERSION, "config": {"seed": 0}, "input_shape": [28, 28],
-            "model": {"net.0.weight": torch.randn(3, 4)}, "epoch": 1, "step": 10, **extra}
+            "model": {"net.0.weight": torch.randn(3, 4)}, "optimizer": {"state": {}, "param_groups": [{}]},
+            "epoch": 1, "step": 10, "steps_per_epoch": 10, "metrics": {},
+            "best": {"metric": "val_accuracy", "value": 0.5, "epoch": 1, "bad_epochs": 0},
+            "rng": {"torch": torch.get_rng_state(), "batcher": torch.Generator().get_state()}, **extra}
 
 
 def test_round_trip_with_weights_only(tmp_path):
     p = tmp_path / "a.ckpt"
-    data = payload(rng={"torch": torch.get_rng_state()}, metrics={"val_accuracy": 0.5})
+    data = payload(metrics={"val_accuracy": 0.5})
     checkpoint.save(p, data)
     raw = torch.load(p, weights_only=True)  # the safe loader opens it with no allow-list
     assert torch.equal(raw["model"]["net.0.weight"], data["model"]["net.0.weight"])

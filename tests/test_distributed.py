@@ -42,9 +42,9 @@ def test_two_processes_follow_one_with_the_same_global_batch(tiny_config, tmp_pa
 
 def test_global_batch_must_divide_among_ranks(tiny_config, monkeypatch):
     from dlbase.errors import ConfigError
-    from dlbase.train import _check_distributed
+    from dlbase.engine import plan_run
     with pytest.raises(ConfigError, match="train.batch_size: 50 is the global batch"):
-        _check_distributed(load_config(tiny_config), 3)
+        plan_run(load_config(tiny_config), torch.device("cpu"), 3)
 
 
 def torchrun(*args, env_extra=None, timeout=300):

@@ -97,7 +97,7 @@ def test_graph_tracks_eager_at_the_same_precision(tiny_config, tmp_path, sets, p
 @pytest.mark.cuda
 def test_graph_resume_matches_uninterrupted_and_loads_on_cpu(tiny_config, tmp_path):
     from test_train import Interrupt, stop_after_epoch
-    from dlbase.train import load_for_eval
+    from dlbase.state import load_for_eval
     sets = ["device=cuda", "train.compile=graph", "train.precision=fp32", "train.epochs=4", "schedule.name=cosine",
             "model.dropout=0.1"]
     full, _ = run(tiny_config, tmp_path, "a", sets)

@@ -21,7 +21,7 @@ def trained(tiny_config):
                                     "model.activation=gelu", "model.hidden=[32, 16]", "train.epochs=2"])
     result = train(cfg, log=lambda s: None)
     from dlbase.data import load_dataset
-    from dlbase.train import load_for_eval
+    from dlbase.state import load_for_eval
     _, model, _ = load_for_eval(result.folder / "best.ckpt", torch.device("cpu"))
     x = load_dataset(cfg.data, cfg.seed, torch.device("cpu")).test.x[:37]  # real test images, an odd batch
     with torch.no_grad():

@@ -7,7 +7,8 @@ import torch
 from dlbase.config import load_config
 from dlbase.data import load_dataset
 from dlbase.evaluate import evaluate
-from dlbase.train import load_for_eval, train
+from dlbase.state import load_for_eval
+from dlbase.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,8 @@ import torch
 
 from dlbase import config as C
 from dlbase.config import ScheduleConfig, load_config
-from dlbase.optim import OPTIMIZER_PARAMS, OPTIMIZERS, build_optimizer, build_schedule
+from dlbase.optim import OPTIMIZER_PARAMS, build_optimizer, build_schedule
+from dlbase.schema import OPTIM_INFO as OPTIMIZERS
 
 LRS = {"sgd": 0.1, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.1, "rmsprop": 0.01, "adadelta": 1.0,
        "adam": 0.01, "adamw": 0.01}

@@ -20,7 +20,8 @@ def test_train_writes_run_folder(tiny_config, tmp_path):
     result = train(cfg, log=logs.append)
     folder = tmp_path / "ckpt" / "tiny"
     assert result.folder == folder
-    assert {p.name for p in folder.iterdir()} == {"config.yaml", "metrics.csv", "last.ckpt", "best.ckpt",
+    assert (folder / ".dlbase-run").exists()  # the claim that makes the folder this run's
+    assert {p.name for p in folder.iterdir() if p.name != ".dlbase-run"} == {"config.yaml", "metrics.csv", "last.ckpt", "best.ckpt",
                                                   "curves.png", "gradnorms.png"}
     assert load_config(folder / "config.yaml") == cfg
     rows = (folder / "metrics.csv").read_text().splitlines()
@@ -155,7 +156,7 @@ def test_early_stop_on_a_real_plateau(tiny_config):
     ["train.label_smoothing=0.1", "model.dropout=0.2"],
 ])
 def test_each_idea_trains_and_evaluates(tiny_config, sets):
-    from dlbase.train import load_for_eval
+    from dlbase.state import load_for_eval
     from dlbase.data import load_dataset
     from dlbase.evaluate import evaluate
     result = train(load_config(tiny_config, ["train.epochs=4"] + sets), log=lambda s: None)
