@@ -41,26 +41,18 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " Optional with --resume "
                                           "(then the checkpoint's own config is used).", show_default=False),
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP, show_default=False),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run a checkpoint (usually "
-                                          "<run>/last.ckpt) came from, in its folder.", show_default=False),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run: its folder (the newest readable "
+                                          "checkpoint in it) or a .ckpt file. From an older checkpoint than the "
+                                          "run's newest, the run branches into a new folder.", show_default=False),
 ) -> None:
     """Train a model; writes config.yaml, metrics.csv, last.ckpt, best.ckpt and plots into <checkpoint.dir>/<name>/."""
-    from dlbase import checkpoint, train as training
-    from dlbase.config import config_from_dict, load_config
+    from dlbase import train as training
 
-    payload = None
-    if resume is not None:
-        payload = checkpoint.load(resume)
-        cfg = (load_config(config, set_) if config is not None
-               else config_from_dict(payload["config"], f"{resume} (its stored config)", set_))
-    elif config is None:
-        raise DlbaseError("train: --config PATH is required (or --resume CKPT); see dlbase train --help")
-    else:
-        cfg = load_config(config, set_)
+    run = training.configure(config, set_, resume)
     try:
-        result = training.train(cfg, resume=resume, resume_payload=payload)
-    except KeyboardInterrupt:  # a second Ctrl-C: the checkpoints on disk are whole (atomic writes)
-        typer.echo("interrupted: stopped at once; the last checkpoint on disk is intact", err=True)
+        result = training.train(run.cfg, resume=run.resume, resume_payload=run.payload, folder=run.folder)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one during start-up: every file on disk is whole
+        typer.echo("interrupted: stopped at once; the files on disk are whole (atomic writes)", err=True)
         raise typer.Exit(130) from None
     if result.exit_code:
         raise typer.Exit(result.exit_code)
@@ -81,44 +73,10 @@ def eval_(
                                           show_default=False),
 ) -> None:
     """Report accuracy and mean loss of a checkpoint on a split; needs nothing but the checkpoint and the data."""
-    import dataclasses
+    from dlbase.evaluate import evaluate_checkpoint, format_result
 
-    from dlbase.data import load_dataset
-    from dlbase.evaluate import evaluate
-    from dlbase.loss import build_eval_loss
-    from dlbase.train import load_for_eval, resolve_device
-
-    if split not in ("test", "val", "train"):
-        raise DlbaseError(f"--split: {split!r} is not one of test, val, train")
-    device = resolve_device("auto")
-    cfg, model, payload = load_for_eval(ckpt, device)
-    # --data-root points at files that are there: never download into it
-    data_cfg = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=str(data_root), download=False)
-    data = load_dataset(data_cfg, cfg.seed, device)
-    if tuple(payload["input_shape"]) != data.input_shape:
-        raise DlbaseError(f"{ckpt}: trained on {tuple(payload['input_shape'])} images; the data at "
-                          f"{data.folder} has {data.input_shape}")
-    part = data.split(split)
-    result = evaluate(model, part, build_eval_loss(cfg.train.loss, cfg.model.output))
-    title = f"{cfg.name}, {split} split, epoch {payload['epoch']}"
-    if report is not None:
-        from dlbase.report import eval_report
-        details = eval_report(model, part.x, part.y, data.input_shape, report, title)
-    else:
-        from dlbase.report import confusion, predictions
-        cm = confusion(predictions(model, part.x).cpu(), part.y.cpu())
-        details = {"per_class": (cm.diag().double() / cm.sum(1).clamp_min(1).double()).tolist(),
-                   "confusion": cm.tolist()}
-    if as_json:
-        typer.echo(json.dumps({"checkpoint": str(ckpt), "split": split, "n": result["n"],
-                               "accuracy": result["accuracy"], "loss": result["loss"],
-                               "epoch": int(payload["epoch"]), "dataset": cfg.data.dataset, **details}))
-    else:
-        typer.echo(f"{ckpt}: {split} accuracy {100 * result['accuracy']:.2f}%  loss {result['loss']:.4f}  "
-                   f"(n={result['n']}, epoch {payload['epoch']}, {cfg.data.dataset})")
-        typer.echo("per class: " + "  ".join(f"{k}: {100 * a:.1f}%" for k, a in enumerate(details["per_class"])))
-        if report is not None:
-            typer.echo(f"report: {report / 'confusion.png'}, {report / 'mistakes.png'}")
+    result = evaluate_checkpoint(ckpt, split, data_root, report)
+    typer.echo(json.dumps(result) if as_json else format_result(result, report))
 
 
 @app.command()
@@ -128,7 +86,8 @@ def gradcheck(
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP, show_default=False),
     batch: int = typer.Option(16, "--batch", min=1, max=4096, help="Samples in the batch the gradients are "
                               "taken on (synthetic inputs in [0, 1] and random labels)."),
-    tol: float = typer.Option(1e-10, "--tol", help="Largest relative difference allowed (float64)."),
+    tol: float = typer.Option(1e-10, "--tol", min=0.0, max=1.0, help="Largest relative difference allowed "
+                              "(float64), between 0 and 1."),
 ) -> None:
     """Check the hand-written delta rule against autograd, layer by layer, in float64.
 
@@ -256,7 +215,27 @@ def config_validate(
 
 
 def main() -> None:
-    app()
+    """The console script: command-line mistakes (an unknown option or command, a missing argument, a value out
+    of range) are one line on stderr and exit status 2, like every other mistake of the user's."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
+    from dlbase.errors import one_line
+
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as e:  # `dlbase` or `dlbase config` alone: the help, as before
+        typer.echo(e.ctx.get_help() if e.ctx else "", err=True)
+        code = 2
+    except UsageError as e:
+        where = e.ctx.command_path if e.ctx else "dlbase"
+        typer.echo(f"error: {where}: {one_line(e.format_message())} (see {where} --help)", err=True)
+        code = 2
+    except ClickException as e:
+        typer.echo(f"error: {one_line(e.format_message())}", err=True)
+        code = e.exit_code
+    except typer.Abort:
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,8 @@
 """evaluate(): accuracy and mean loss of a model on a device-resident split."""
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlbase.data import DeviceSplit
+from dlbase.errors import DlbaseError
 from dlbase.loss import LossFn
 
 
@@ -30,3 +33,49 @@ def evaluate(model: nn.Module, split: DeviceSplit, loss_fn: Optional[LossFn] = N
     n = len(split)
     # note: a CPU-GPU sync point, once per evaluation
     return {"n": n, "accuracy": correct.item() / n, "loss": loss_sum.item() / n}
+
+
+SPLITS = ("test", "val", "train")
+
+
+def evaluate_checkpoint(ckpt: Path, split: str = "test", data_root: Optional[Path] = None,
+                        report: Optional[Path] = None) -> dict:
+    """`dlbase eval`: rebuild the model from the checkpoint alone, evaluate it on a split of its data, with
+    per-class accuracy and the confusion matrix; report: also write confusion.png and mistakes.png there."""
+    from dlbase.data import load_dataset
+    from dlbase.engine import resolve_device
+    from dlbase.loss import build_eval_loss
+    from dlbase.report import confusion, eval_report, predictions
+    from dlbase.state import load_for_eval
+
+    if split not in SPLITS:
+        raise DlbaseError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
+    device = resolve_device("auto")
+    cfg, model, payload = load_for_eval(ckpt, device)
+    # --data-root points at files that are there: never download into it
+    data_cfg = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=str(data_root), download=False)
+    data = load_dataset(data_cfg, cfg.seed, device)
+    if tuple(payload["input_shape"]) != data.input_shape:
+        raise DlbaseError(f"{ckpt}: trained on {tuple(payload['input_shape'])} images; the data at "
+                          f"{data.folder} has {data.input_shape}")
+    part = data.split(split)
+    result = evaluate(model, part, build_eval_loss(cfg.train.loss, cfg.model.output))
+    if report is not None:
+        title = f"{cfg.name}, {split} split, epoch {payload['epoch']}"
+        details = eval_report(model, part.x, part.y, data.input_shape, report, title)
+    else:
+        cm = confusion(predictions(model, part.x).cpu(), part.y.cpu())
+        details = {"per_class": (cm.diag().double() / cm.sum(1).clamp_min(1).double()).tolist(),
+                   "confusion": cm.tolist()}
+    return {"checkpoint": str(ckpt), "split": split, "n": result["n"], "accuracy": result["accuracy"],
+            "loss": result["loss"], "epoch": int(payload["epoch"]), "dataset": cfg.data.dataset, **details}
+
+
+def format_result(r: dict, report: Optional[Path] = None) -> str:
+    """evaluate_checkpoint's result as the text `dlbase eval` prints."""
+    lines = [f"{r['checkpoint']}: {r['split']} accuracy {100 * r['accuracy']:.2f}%  loss {r['loss']:.4f}  "
+             f"(n={r['n']}, epoch {r['epoch']}, {r['dataset']})",
+             "per class: " + "  ".join(f"{k}: {100 * a:.1f}%" for k, a in enumerate(r["per_class"]))]
+    if report is not None:
+        lines.append(f"report: {Path(report) / 'confusion.png'}, {Path(report) / 'mistakes.png'}")
+    return "\n".join(lines)

@@ -1,13 +1,13 @@
 """Pictures and evaluation reports: training curves, gradient norms, confusion matrix, worst mistakes (PNG)."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from dlbase.errors import DlbaseError
+from dlbase.rundir import read_metrics as read_rows, write_atomic
 
 
 def _plt():
@@ -15,6 +15,16 @@ def _plt():
     matplotlib.use("Agg")  # headless: files only, never a window
     import matplotlib.pyplot as plt
     return plt
+
+
+def _save(plt, fig, path: Path) -> None:
+    """Render to memory, then the one atomic write: a full disk or a read-only folder is one line (exit 2), and
+    never a half-written PNG over a good one."""
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue(), "plot")
 
 
 def _epoch_ticks(ax, epochs: list[int]) -> None:
@@ -37,13 +47,13 @@ def _floats(rows: list[dict], key: str) -> list[Optional[float]]:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The epochs of a run's metrics.csv (rows with a whole-number epoch), or one line saying why there are none."""
     path = Path(run_dir) / "metrics.csv"
     if not path.is_file():
         raise DlbaseError(f"{run_dir}: no metrics.csv; expected a run folder written by dlbase train")
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_rows(path)
     if not rows:
-        raise DlbaseError(f"{path}: holds no epochs yet")
+        raise DlbaseError(f"{path}: holds no epochs (no rows with a whole-number epoch column)")
     return rows
 
 
@@ -82,8 +92,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         _epoch_ticks(ax, epochs)
     fig.suptitle(f"{name}: training curves", fontsize=14)
     curves = run_dir / "curves.png"
-    fig.savefig(curves, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, curves)
 
     layers = sorted({int(k.rsplit("_", 1)[1]) for k in rows[0] if k.startswith("grad_norm_")})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
@@ -101,8 +110,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     fig.suptitle(f"{name}: layer 1 is next to the input; a gap of decades between layers means vanishing "
                  f"gradients", fontsize=11)
     gradnorms = run_dir / "gradnorms.png"
-    fig.savefig(gradnorms, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, gradnorms)
     return [curves, gradnorms]
 
 
@@ -145,8 +153,7 @@ def eval_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, input_
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted class", ylabel="true class",
            title=f"{title}\nconfusion matrix (counts; colour = share of the true class)")
     fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true class")
-    fig.savefig(out_dir / "confusion.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out_dir / "confusion.png")
 
     pred = probs.argmax(-1)
     wrong = (pred != y).nonzero().flatten()
@@ -164,6 +171,5 @@ def eval_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, input_
         ax.set_title(f"true {int(y[i])}, said {int(pred[i])}\n({100 * float(probs[i, pred[i]]):.0f}% sure)",
                      fontsize=8)
     fig.suptitle(f"{title}: the {len(worst)} most confident mistakes of {len(wrong)}", fontsize=11)
-    fig.savefig(out_dir / "mistakes.png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out_dir / "mistakes.png")
     return {"per_class": per_class, "confusion": cm.tolist()}

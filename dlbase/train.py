@@ -11,15 +11,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from dlbase import checkpoint, distributed, rundir
-from dlbase.config import Config, to_dict, to_yaml
+from dlbase.config import Config, config_from_dict, load_config, to_dict, to_yaml
 from dlbase.data import Batcher, Dataset, load_dataset
 from dlbase.engine import Engine, plan_run, resolve_device, set_matmul_precision
-from dlbase.errors import CheckpointError, TrainingDiverged
+from dlbase.errors import CheckpointError, ConfigError, TrainingDiverged
 from dlbase.evaluate import evaluate
 from dlbase.loss import build_eval_loss, build_loss
 from dlbase.model import build_model
@@ -27,6 +27,7 @@ from dlbase.optim import build_optimizer, build_schedule
 from dlbase.preempt import Preemption
 from dlbase.state import Monitor, load_model_state, load_optimizer_state, restore_rng, rng_state
 
+PLOTS = ("curves.png", "gradnorms.png")
 VANISHING_RATIO = 1e-3  # first layer's gradient norm below this fraction of the last layer's: warn
 
 
@@ -47,6 +48,16 @@ def layer_norms(model: torch.nn.Module) -> dict[str, float]:
     n = len(layers)
     return {**{f"grad_norm_{i + 1}": values[i] for i in range(n)},
             **{f"weight_norm_{i + 1}": values[n + i] for i in range(n)}}
+
+
+def metrics_row(epoch: int, step: int, m: dict) -> dict:
+    """One row of metrics.csv from an epoch's metrics (numbers)."""
+    def f(key: str, fmt: str) -> str:
+        return format(m[key], fmt) if key in m else ""
+    return {"epoch": epoch, "step": step, "train_loss": f("train_loss", ".6f"), "val_loss": f("val_loss", ".6f"),
+            "val_accuracy": f("val_accuracy", ".6f"), "lr": f("lr", ".6g"), "seconds": f("seconds", ".3f"),
+            "train_seconds": f("train_seconds", ".4f"),
+            **{k: format(v, ".6g") for k, v in m.items() if k.startswith(("grad_norm_", "weight_norm_"))}}
 
 
 @dataclass
@@ -189,7 +200,11 @@ class Trainer:
         p = self.progress
         try:
             if self.payload is not None:
-                self.rows = rundir.read_metrics(self.folder / "metrics.csv", p.epoch)
+                source = Path(self.resume).parent if self.resume is not None else self.folder  # a branch starts
+                self.rows = rundir.read_metrics(source / "metrics.csv", p.epoch)  # from its parent's history
+                saved = self.payload["metrics"]
+                if "lr" in saved and (not self.rows or int(self.rows[-1]["epoch"]) < self.payload["epoch"]):
+                    self.rows.append(metrics_row(self.payload["epoch"], self.payload["step"], saved))
                 self.log(f"resuming {self.folder} from {self.resume} (epoch {p.epoch}, step {p.step})")
             if p.step >= self.total_steps or self.monitor.should_stop:
                 return self._nothing_to_do()
@@ -254,19 +269,17 @@ class Trainer:
         train_seconds = time.perf_counter() - self._t0  # after the sync: the steps' GPU work is done
         p.train_seconds += train_seconds
         val = evaluate(self.model, self.data.val, self.eval_loss) if self.data.val is not None else None
-        metrics = {"train_loss": train_loss, **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-                                                if val else {})}
         lr = self.schedule(p.step - 1)
         norms = layer_norms(self.model)
         self._warn_vanishing(norms)
+        # the epoch's row of metrics.csv, as numbers; the checkpoint carries it too, so a run killed between its
+        # checkpoint and metrics.csv gets the row back when it resumes
+        metrics = {"train_loss": train_loss, **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+                                                if val else {}),
+                   "lr": lr, "seconds": time.perf_counter() - self._t0, "train_seconds": train_seconds, **norms}
         improved = self.monitor.update(metrics, p.epoch)
         ckpt = self._payload(metrics)
-        seconds = time.perf_counter() - self._t0
-        self.rows.append({"epoch": p.epoch, "step": p.step, "train_loss": f"{train_loss:.6f}",
-                          "val_loss": f"{val['loss']:.6f}" if val else "",
-                          "val_accuracy": f"{val['accuracy']:.6f}" if val else "", "lr": f"{lr:.6g}",
-                          "seconds": f"{seconds:.3f}", "train_seconds": f"{train_seconds:.4f}",
-                          **{k: f"{v:.6g}" for k, v in norms.items()}})
+        self.rows.append(metrics_row(p.epoch, p.step, metrics))
         # best, then metrics, then last: a kill between them leaves last.ckpt at the previous epoch, and
         # resuming from the folder's newest checkpoint redoes or skips this epoch, rewriting what follows it
         if improved:
@@ -277,7 +290,7 @@ class Trainer:
         val_text = (f"  val_loss {val['loss']:.4f} (gap {val['loss'] - train_loss:+.4f})  val_acc "
                     f"{100 * val['accuracy']:.2f}%") if val else ""
         self.log(f"epoch {p.epoch}/{self._epochs_planned()}  train_loss {train_loss:.4f}{val_text}  lr {lr:.3g}  "
-                 f"{seconds:.1f}s{'  *best' if improved else ''}")
+                 f"{metrics['seconds']:.1f}s{'  *best' if improved else ''}")
         if self.monitor.should_stop:
             self.log(f"early stop: no {self.monitor.metric} improvement for {self.monitor.bad_epochs} epochs "
                      f"(train.early_stop.patience={self.monitor.patience})")
@@ -321,6 +334,9 @@ class Trainer:
             why, how = f"finished {p.epoch} of train.epochs={t.epochs} epochs", "raise train.epochs (--set train.epochs=N)"
         self.log(f"nothing to do: the run in {self.folder} {why}; {how} to train on")
         self.progress.status = "nothing_to_do"
+        if self.rows and self.group.main and not all((self.folder / n).exists() for n in PLOTS):
+            from dlbase.report import plot_run
+            plot_run(self.folder)  # a run stopped between its last checkpoint and its plots
         return self._result(0)
 
     def _result(self, exit_code: int) -> RunResult:
@@ -428,6 +444,43 @@ class _Bar:
 
 def _no_log(line: str) -> None:
     pass
+
+
+@dataclass
+class Invocation:
+    """What `dlbase train` was asked to do: the config, and the checkpoint (or run folder) to go on from."""
+    cfg: Config
+    resume: Optional[Path] = None  # the checkpoint file resumed from
+    payload: Optional[checkpoint.Payload] = None
+    folder: Optional[Path] = None  # a run folder to start over in (it holds no checkpoint yet)
+
+
+def configure(config: Optional[Path], sets: Sequence[str], resume: Optional[Path],
+              log: Callable[[str], None] = print) -> Invocation:
+    """The config (the file's, or the resumed checkpoint's own, with --set applied) and where to resume from.
+    A run folder means its newest readable checkpoint; a folder killed before its first checkpoint starts over
+    in place from its config.yaml (or --config)."""
+    if resume is None:
+        if config is None:
+            raise ConfigError("train: --config PATH is required (or --resume RUN_FOLDER); see dlbase train --help")
+        return Invocation(load_config(config, sets))
+    resume = Path(resume)
+    if resume.is_dir() and not any((resume / n).exists() for n in ("last.ckpt", "best.ckpt")):
+        stored = resume / "config.yaml"
+        if config is None and not stored.exists():
+            raise CheckpointError(f"{resume}: no checkpoint and no config.yaml to resume from; start a new run with "
+                                  f"dlbase train --config PATH (or --resume {rundir.quote(resume)} --config PATH "
+                                  f"to start it over in this folder)")
+        log(f"{resume}: no checkpoint yet; starting the run over in this folder from "
+            f"{config if config is not None else stored}")
+        return Invocation(load_config(config if config is not None else stored, sets), folder=resume)
+    if resume.is_dir():
+        resume, payload = checkpoint.newest(resume)
+    else:
+        payload = checkpoint.load(resume)
+    cfg = (load_config(config, sets) if config is not None
+           else config_from_dict(payload["config"], f"{resume} (its stored config)", sets))
+    return Invocation(cfg, resume, payload)
 
 
 def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[checkpoint.Payload] = None,

@@ -215,3 +215,61 @@ def test_tiny_tmpfs_fills_up(tiny_config, tmp_path):
         all_checkpoints_load(mnt / "tiny")
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+KILLER = """
+import os, sys
+from dlbase import checkpoint, report, rundir
+limit, count, real = int(sys.argv[1]), [0], rundir.write_atomic
+
+def write_then_maybe_die(*args, **kwargs):
+    real(*args, **kwargs)
+    count[0] += 1
+    if count[0] == limit:
+        os._exit(137)  # as kill -9: no cleanup, no finally
+
+for module in (rundir, checkpoint, report):  # each holds the one atomic write by name
+    module.write_atomic = write_then_maybe_die
+if limit == 0:  # die right after claiming the run folder, before any file is written
+    claim = rundir.new_run_dir
+    rundir.new_run_dir = lambda *a: (claim(*a), os._exit(137))
+from dlbase.cli import main
+sys.argv = ["dlbase", "train", *sys.argv[2:]]
+main()
+"""
+
+
+def test_killed_between_any_two_file_writes_resumes_from_the_folder(tiny_config, tmp_path):
+    """Stop the process after each of its file writes in turn (and before the first), then
+    `dlbase train --resume <folder>`: it always goes on from the newest readable checkpoint, says which, and
+    ends bit-identical to the uninterrupted run."""
+    from dlbase.train import configure
+    sets = ["train.epochs=2", "checkpoint.every_steps=5", "model.dropout=0.2"]
+    ref = train(load_config(tiny_config, sets + [f"checkpoint.dir={tmp_path / 'ref'}"]), log=lambda s: None)
+    writes = 0
+    for limit in range(0, 20):
+        ckpt_dir = tmp_path / f"kill{limit}"
+        args = ["--config", str(tiny_config), *[x for s in sets + [f"checkpoint.dir={ckpt_dir}"] for x in ("--set", s)]]
+        r = subprocess.run([sys.executable, "-c", KILLER, str(limit), *args], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+        folder = ckpt_dir / "tiny"
+        if r.returncode == 0:  # the run made fewer writes than limit: every instant has been tried
+            assert weights_equal(ref.folder / "last.ckpt", folder / "last.ckpt")
+            break
+        assert r.returncode == 137, r.stderr
+        writes = limit
+        for leftover in folder.glob(".*.tmp"):
+            raise AssertionError(f"temp file left: {leftover}")
+        logs = []
+        if limit:  # the run's own config.yaml or checkpoint says everything
+            run = configure(None, [], folder, log=logs.append)
+        else:  # killed before config.yaml: the user gives the config again
+            run = configure(tiny_config, sets + [f"checkpoint.dir={ckpt_dir}"], folder, log=logs.append)
+        result = train(run.cfg, resume=run.resume, resume_payload=run.payload, folder=run.folder, log=logs.append)
+        assert result.folder == folder, limit
+        said = next((line for line in logs if line.startswith(("resuming", str(folder)))), "")
+        assert said and (run.resume is None or str(run.resume) in said), (limit, logs)
+        assert weights_equal(ref.folder / "last.ckpt", folder / "last.ckpt"), f"killed after write {limit}"
+        assert metrics_without_timing(folder) == metrics_without_timing(ref.folder), limit
+        assert {"curves.png", "gradnorms.png"} <= {p.name for p in folder.iterdir()}
+    assert writes >= 10  # config.yaml, mid-epoch and epoch checkpoints, metrics.csv, plots
