@@ -43,17 +43,21 @@ class Schedule:
     """The learning rate at every optimiser step, in closed form.
 
     lr(s) for step s = 0, 1, ..., total_steps - 1:
-      - warm-up (s < W): lr * (s + 1) / W, a straight line reaching lr at step W - 1;
-      - then the named schedule. Epoch-based ones (step, multistep, exponential) read the epoch
-        e = s // steps_per_epoch, so milestones are the epochs a user counts; cosine and onecycle run over the
-        steps after the warm-up, t = s - W of T = total_steps - W:
+      - warm-up (s < W): lr * (s + 1) / W, a straight line reaching lr at step W - 1 (torch's LinearLR from
+        1/W to 1 over W - 1 steps);
+      - then the named schedule, started after the warm-up as torch's SequentialLR does, over t = s - W of
+        T = total_steps - W. Epoch-based ones (step, multistep, exponential) read the epoch of t,
+        e = t // steps_per_epoch, so milestones are the epochs a user counts after the warm-up:
         constant:    lr
         step:        lr * gamma ** (e // step_size)
         multistep:   lr * gamma ** (number of milestones <= e)
         exponential: lr * gamma ** e
         cosine:      min_lr + (lr - min_lr) * (1 + cos(pi * t / (T - 1))) / 2     (lr at t = 0, min_lr at the end)
-        onecycle:    cosine rise from lr / div_factor to lr over the first pct_start of T, then a cosine fall to
-                     lr / div_factor / final_div_factor at the last step (torch's OneCycleLR, anneal 'cos').
+        onecycle:    torch's OneCycleLR (anneal 'cos') step for step: a cosine rise from lr / div_factor to lr
+                     until step pct_start * T - 1 (unrounded, as torch has it), then a cosine fall to
+                     lr / div_factor / final_div_factor at the last step. torch also cycles momentum (Adam's
+                     beta1) between 0.85 and 0.95 by default; dlbase keeps momentum and betas fixed (tested
+                     against OneCycleLR(cycle_momentum=False)).
     """
 
     def __init__(self, cfg: ScheduleConfig, base_lr: float, steps_per_epoch: int, total_steps: int):
@@ -64,8 +68,8 @@ class Schedule:
         w = c.warmup_steps
         if step < w:
             return lr * (step + 1) / w
-        e = step // self.spe
         t, T = step - w, max(1, self.total - w)
+        e = t // self.spe
         if c.name == "constant":
             return lr
         if c.name == "step":
@@ -79,11 +83,11 @@ class Schedule:
             return c.min_lr + (lr - c.min_lr) * (1 + math.cos(math.pi * frac)) / 2
         assert c.name == "onecycle", c.name
         start, end = lr / c.div_factor, lr / c.div_factor / c.final_div_factor
-        up = max(1, round(c.pct_start * T) - 1)  # the step at which lr peaks (OneCycleLR's phase boundary)
+        up = c.pct_start * T - 1  # the phase boundary, a float as in torch's OneCycleLR
         if t <= up:
-            return _cos_anneal(start, lr, t / up)
-        down = max(1, T - 1 - up)
-        return _cos_anneal(lr, end, min(1.0, (t - up) / down))
+            return _cos_anneal(start, lr, t / up) if up > 0 else lr
+        down = (T - 1) - up
+        return _cos_anneal(lr, end, (t - up) / down) if down > 0 else end
 
     def table(self) -> list[float]:
         return [self(s) for s in range(self.total)]

@@ -121,6 +121,46 @@ def test_onecycle_matches_torch_per_step():
     assert s(0) == pytest.approx(0.01) and s(total - 1) == pytest.approx(0.1 / 10 / 100)
 
 
+@pytest.mark.parametrize("total,pct", [(10, 0.3), (37, 0.3), (1075, 0.3), (100, 0.25), (7, 0.5), (3, 0.1)])
+def test_onecycle_matches_torch_at_every_step_for_odd_lengths(total, pct):
+    """Issue 16 item 3: the phase boundary is pct_start * T - 1 unrounded, as torch has it (rounding gave a 32%
+    lr error at T = 10)."""
+    s = sched(name="onecycle", pct_start=pct, total=total)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total, pct_start=pct,
+                                              cycle_momentum=False)
+    for step in range(total):
+        assert s(step) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15), step
+        opt.step()
+        ref.step()
+
+
+@pytest.mark.parametrize("name,kw,make", [
+    ("multistep", dict(gamma=0.1, milestones=(1,)),
+     lambda opt, spe: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1 * spe], gamma=0.1)),
+    ("step", dict(gamma=0.5, step_size=2),
+     lambda opt, spe: torch.optim.lr_scheduler.StepLR(opt, step_size=2 * spe, gamma=0.5)),
+    ("exponential", dict(gamma=0.8),
+     lambda opt, spe: torch.optim.lr_scheduler.MultiplicativeLR(opt, lambda k: 0.8 if k and k % spe == 0 else 1.0)),
+])
+def test_warmup_then_epoch_schedule_matches_sequential_lr(name, kw, make):
+    """Issue 16 item 4: warm-up, then the schedule from its own start, as torch's SequentialLR runs them (the
+    oracle: LinearLR over the warm-up, then the epoch schedule stepped per step with epochs in steps). With
+    milestone 1, 6 warm-up steps and 4 steps per epoch the lr no longer climbs past the milestone and drops."""
+    spe, warm, total = 4, 6, 40
+    s = sched(name=name, warmup_steps=warm, steps_per_epoch=spe, total=total, **kw)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    ref = torch.optim.lr_scheduler.SequentialLR(
+        opt, [torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warm, end_factor=1.0, total_iters=warm - 1),
+              make(opt, spe)], milestones=[warm])
+    for step in range(total):
+        assert s(step) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12), step
+        opt.step()
+        ref.step()
+    lrs = [s(i) for i in range(warm + spe + 1)]
+    assert max(lrs) == pytest.approx(0.1) and lrs == sorted(lrs[:warm]) + lrs[warm:]  # rises, then the schedule
+
+
 def test_cosine_matches_torch_without_warmup():
     total = 50
     s = sched(name="cosine", min_lr=0.002, total=total)
