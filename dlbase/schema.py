@@ -48,6 +48,7 @@ class OptimInfo:
     capturable: bool  # torch has a capturable step (the lr and step counters on the device)
     graph_kwargs: Optional[dict]  # constructor flags that let a CUDA graph capture its step; None: it cannot be
     extra: dict = field(default_factory=dict)  # fixed constructor arguments that define it (momentum, nesterov)
+    default_lr: float = 0.001  # optim.lr when the config leaves it null: the literature's (or torch's) value
 
 
 _GRAPH_FUSED = {"fused": True}  # the fused SGD takes the lr as a device tensor and keeps no host-side state
@@ -59,9 +60,11 @@ OPTIM_INFO: dict[str, OptimInfo] = {
     "momentum": OptimInfo("SGD", ("lr", "momentum", "weight_decay"), True, False, _GRAPH_FUSED),
     "nesterov": OptimInfo("SGD", ("lr", "momentum", "weight_decay"), True, False, _GRAPH_FUSED,
                           {"nesterov": True}),
-    "adagrad": OptimInfo("Adagrad", ("lr", "eps", "weight_decay"), True, False, None),
+    "adagrad": OptimInfo("Adagrad", ("lr", "eps", "weight_decay"), True, False, None, default_lr=0.01),
     "rmsprop": OptimInfo("RMSprop", ("lr", "alpha", "eps", "weight_decay"), False, True, _GRAPH_FOREACH_CAPTURABLE),
-    "adadelta": OptimInfo("Adadelta", ("lr", "rho", "eps", "weight_decay"), False, True, _GRAPH_FOREACH_CAPTURABLE),
+    # Zeiler's Adadelta has no learning rate: torch's lr scales its update, and 1.0 is the published method
+    "adadelta": OptimInfo("Adadelta", ("lr", "rho", "eps", "weight_decay"), False, True, _GRAPH_FOREACH_CAPTURABLE,
+                          default_lr=1.0),
     "adam": OptimInfo("Adam", ("lr", "betas", "eps", "weight_decay"), True, True, _GRAPH_FUSED_CAPTURABLE),
     "adamw": OptimInfo("AdamW", ("lr", "betas", "eps", "weight_decay"), True, True, _GRAPH_FUSED_CAPTURABLE),
 }
@@ -120,8 +123,9 @@ class ModelConfig:
 class OptimConfig:
     """The optimiser and its parameters (each optimiser reads only its own; see README)."""
     name: str = _f("adam", "optimiser", choices=OPTIMIZERS, aliases=("optimizer", "type"))
-    lr: float = _f(0.001, "learning rate (the peak with warm-up and onecycle)", gt=0.0, le=1e6,
-                   aliases=("learning_rate", "lr_rate", "eta"))
+    lr: Optional[float] = _f(None, "learning rate (the peak with warm-up and onecycle); null: the optimiser's own "
+                                   "default (adadelta 1.0, adagrad 0.01, the others 0.001)", gt=0.0, le=1e6,
+                             aliases=("learning_rate", "lr_rate", "eta"))
     weight_decay: float = _f(0.0, "L2 regularisation coefficient (decoupled for adamw)", ge=0.0, le=1e6,
                              aliases=("wd", "l2", "decay"))
     momentum: float = _f(0.9, "momentum, nesterov: the momentum coefficient", ge=0.0, lt=1.0,
@@ -134,6 +138,10 @@ class OptimConfig:
     rho: float = _f(0.9, "adadelta: decay rate of the squared-gradient and update averages", ge=0.0, lt=1.0)
     impl: str = _f("auto", "auto (fused on CUDA where torch has it) | fused | foreach | for_loop",
                    choices=OPTIM_IMPLS, aliases=("implementation", "fused", "foreach"))
+
+    def __post_init__(self) -> None:  # lr: null means this optimiser's default; a resolved config holds the number
+        if self.lr is None and self.name in OPTIM_INFO:
+            object.__setattr__(self, "lr", OPTIM_INFO[self.name].default_lr)
 
 
 @dataclass(frozen=True)

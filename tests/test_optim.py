@@ -170,3 +170,19 @@ def test_cosine_matches_torch_without_warmup():
         assert s(step) == pytest.approx(opt.param_groups[0]["lr"]), step
         opt.step()
         ref.step()
+
+
+@pytest.mark.parametrize("name,lr", [("adadelta", 1.0), ("adagrad", 0.01), ("adam", 0.001), ("sgd", 0.001)])
+def test_each_optimiser_gets_its_own_default_lr(name, lr):
+    """Issue 16 item 5: published Adadelta has no learning rate (torch's 1.0 is the method); config show shows it."""
+    assert load_config(None, [f"optim.name={name}"]).optim.lr == lr
+    assert load_config(None, [f"optim.name={name}", "optim.lr=0.5"]).optim.lr == 0.5
+
+
+def test_adadelta_with_its_default_learns_where_the_shared_default_barely_moves(tiny_config):
+    from dlbase.train import train
+    losses = {}
+    for lr in ("null", "0.001"):  # tiny_config sets optim.lr; null asks for the optimiser's default
+        cfg = load_config(tiny_config, ["optim.name=adadelta", f"optim.lr={lr}", "train.epochs=8"])
+        losses[lr] = float(train(cfg, log=lambda s: None).last_metrics["train_loss"])
+    assert losses["null"] < losses["0.001"] - 0.5, losses  # the shared 0.001 barely leaves ln(10) = 2.30
