@@ -24,6 +24,7 @@ class InEpoch(TypedDict):
     """Where a mid-epoch checkpoint stopped inside its epoch."""
     batch: int  # batches of the epoch already trained
     loss_sum: float  # their summed per-sample loss (all ranks')
+    ce_sum: float  # their summed plain cross-entropy (with label smoothing; 0 otherwise); absent in older files
 
 
 class Best(TypedDict):

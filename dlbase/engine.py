@@ -138,6 +138,10 @@ class Engine:
         self.cfg, self.schedule, self.device, self.plan = cfg, schedule, device, run_plan
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_sum = torch.zeros((), device=device)  # sum over samples of the per-sample loss, this epoch
+        # with label smoothing the objective is not the cross-entropy that validation reports: sum that too, so
+        # the generalisation gap compares like with like (a few more kernels per step, only then)
+        self.plain_ce = cfg.loss == "cross_entropy" and cfg.label_smoothing > 0
+        self.ce_sum = torch.zeros((), device=device)
         self.forward = forward if forward is not None else model  # DDP's wrapper under torchrun
         self.shard = shard  # (rank, world): this process trains on its slice of every global batch
         if run_plan.compile in COMPILE_MODES:
@@ -164,16 +168,16 @@ class Engine:
         t0 = time.perf_counter()
         rng = torch.cuda.get_rng_state(self.device)
         model, optimizer = copy.deepcopy((self.model, self.optimizer))  # one memo: the copy steps the copy
-        real = (self.model, self.optimizer, self.forward, self.loss_sum, self.last_loss, self.params)
+        real = (self.model, self.optimizer, self.forward, self.loss_sum, self.ce_sum, self.last_loss, self.params)
         self.model, self.optimizer = model, optimizer
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.forward = torch.compile(model, mode=self.plan.compile) if self.plan.compile in COMPILE_MODES else model
-        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_sum, self.ce_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         idx = torch.arange(min(self.cfg.batch_size, len(self.split)), device=self.device)
         for _ in range(steps):
             self._step(idx, idx.shape[0])
         torch.cuda.synchronize(self.device)  # note: a sync at start-up, outside any epoch
-        self.model, self.optimizer, self.forward, self.loss_sum, self.last_loss, self.params = real
+        self.model, self.optimizer, self.forward, self.loss_sum, self.ce_sum, self.last_loss, self.params = real
         torch.cuda.set_rng_state(rng, self.device)
         self.prewarm_seconds = time.perf_counter() - t0
         return self.prewarm_seconds
@@ -198,6 +202,8 @@ class Engine:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=self.device.type == "cuda")
         self.optimizer.step()
         self.loss_sum.add_(loss.detach(), alpha=n)
+        if self.plain_ce:
+            self.ce_sum.add_(torch.nn.functional.cross_entropy(logits.detach().float(), y), alpha=n)
         self.last_loss = loss.detach()
 
     def _set_lr(self, step: int) -> None:
@@ -260,12 +266,14 @@ class Engine:
             k += 1
         return k - start
 
-    def set_loss_sum(self, value: float) -> None:
-        """Restore a partial epoch's summed loss (resuming mid-epoch)."""
+    def set_loss_sum(self, value: float, ce: float = 0.0) -> None:
+        """Restore a partial epoch's summed loss (and plain cross-entropy) when resuming mid-epoch."""
         self.loss_sum.fill_(value)
+        self.ce_sum.fill_(ce)
 
     def take_loss_sum(self) -> torch.Tensor:
-        """The epoch's summed loss (a device tensor), and a fresh zero for the next epoch."""
-        out = self.loss_sum.clone()
+        """The epoch's summed objective and plain cross-entropy, (2,) on the device; both restart at zero."""
+        out = torch.stack([self.loss_sum, self.ce_sum])
         self.loss_sum.zero_()
+        self.ce_sum.zero_()
         return out

@@ -67,7 +67,13 @@ def plot_run(run_dir: Path) -> list[Path]:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
     ax = axes[0]
-    ax.plot(epochs, _floats(rows, "train_loss"), "o-", label="training loss (empirical risk)")
+    ce = _floats(rows, "train_ce")
+    if any(v is not None for v in ce):  # label smoothing: compare cross-entropy with cross-entropy
+        ax.plot(epochs, ce, "o-", label="training cross-entropy (empirical risk)")
+        ax.plot(epochs, _floats(rows, "train_loss"), "o--", color="C0", alpha=0.5,
+                label="training objective (label-smoothed)")
+    else:
+        ax.plot(epochs, _floats(rows, "train_loss"), "o-", label="training loss (empirical risk)")
     if any(v is not None for v in _floats(rows, "val_loss")):
         ax.plot(epochs, _floats(rows, "val_loss"), "s-", label="validation loss (estimate of risk)")
     ax.set(title="Loss: the generalisation gap", xlabel="epoch", ylabel="mean loss per sample")

@@ -56,7 +56,7 @@ def metrics_row(epoch: int, step: int, m: dict) -> dict:
         return format(m[key], fmt) if key in m else ""
     return {"epoch": epoch, "step": step, "train_loss": f("train_loss", ".6f"), "val_loss": f("val_loss", ".6f"),
             "val_accuracy": f("val_accuracy", ".6f"), "lr": f("lr", ".6g"), "seconds": f("seconds", ".3f"),
-            "train_seconds": f("train_seconds", ".4f"),
+            "train_seconds": f("train_seconds", ".4f"), **({"train_ce": f("train_ce", ".6f")} if "train_ce" in m else {}),
             **{k: format(v, ".6g") for k, v in m.items() if k.startswith(("grad_norm_", "weight_norm_"))}}
 
 
@@ -136,8 +136,10 @@ class Trainer:
         self.engine = Engine(self.model, self.optimizer, self.loss_fn, self.data.train, cfg.train, self.schedule,
                              self.device, self.plan, cfg.model, forward=forward,
                              shard=(self.group.rank, self.group.world))
-        if self.payload is not None and "in_epoch" in self.payload:  # the saved sum is all ranks'
-            self.engine.set_loss_sum(float(self.payload["in_epoch"]["loss_sum"]) if self.group.main else 0.0)
+        if self.payload is not None and "in_epoch" in self.payload:  # the saved sums are all ranks'
+            ie = self.payload["in_epoch"]
+            if self.group.main:
+                self.engine.set_loss_sum(float(ie["loss_sum"]), float(ie.get("ce_sum", 0.0)))
 
     def _run_folder(self, folder: Optional[Path]) -> Path:
         """The folder this run writes: the one given (a sweep's trial), the resumed run's own, or a new claim.
@@ -264,7 +266,9 @@ class Trainer:
         """The epoch's one sync, validation, the metrics row, the monitor, then best -> metrics -> last."""
         p = self.progress
         self._check_finite()
-        train_loss = self.group.sum(self.engine.take_loss_sum()).item() / max(1, self._seen)  # note: sync, per epoch
+        sums = (self.group.sum(self.engine.take_loss_sum()) / max(1, self._seen)).tolist()  # note: sync, per epoch
+        train_loss = sums[0]
+        train_ce = sums[1] if self.engine.plain_ce else None  # label smoothing: the unsmoothed cross-entropy
         p.epoch, p.batch, p.epoch_rng = p.epoch + 1, 0, None
         train_seconds = time.perf_counter() - self._t0  # after the sync: the steps' GPU work is done
         p.train_seconds += train_seconds
@@ -274,8 +278,8 @@ class Trainer:
         self._warn_vanishing(norms)
         # the epoch's row of metrics.csv, as numbers; the checkpoint carries it too, so a run killed between its
         # checkpoint and metrics.csv gets the row back when it resumes
-        metrics = {"train_loss": train_loss, **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-                                                if val else {}),
+        metrics = {"train_loss": train_loss, **({"train_ce": train_ce} if train_ce is not None else {}),
+                   **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]} if val else {}),
                    "lr": lr, "seconds": time.perf_counter() - self._t0, "train_seconds": train_seconds, **norms}
         improved = self.monitor.update(metrics, p.epoch)
         ckpt = self._payload(metrics)
@@ -287,9 +291,12 @@ class Trainer:
         if self.group.main:
             rundir.write_metrics(self.folder / "metrics.csv", self.rows)
         self._save("last.ckpt", ckpt)
-        val_text = (f"  val_loss {val['loss']:.4f} (gap {val['loss'] - train_loss:+.4f})  val_acc "
+        like = train_ce if train_ce is not None else train_loss  # the gap compares cross-entropy with itself
+        ce_text = f" (cross-entropy {train_ce:.4f})" if train_ce is not None else ""
+        val_text = (f"  val_loss {val['loss']:.4f} (gap {val['loss'] - like:+.4f})  val_acc "
                     f"{100 * val['accuracy']:.2f}%") if val else ""
-        self.log(f"epoch {p.epoch}/{self._epochs_planned()}  train_loss {train_loss:.4f}{val_text}  lr {lr:.3g}  "
+        self.log(f"epoch {p.epoch}/{self._epochs_planned()}  train_loss {train_loss:.4f}{ce_text}{val_text}  "
+                 f"lr {lr:.3g}  "
                  f"{metrics['seconds']:.1f}s{'  *best' if improved else ''}")
         if self.monitor.should_stop:
             self.log(f"early stop: no {self.monitor.metric} improvement for {self.monitor.bad_epochs} epochs "
@@ -365,8 +372,9 @@ class Trainer:
         }
         if p.batch:
             out["rng"]["batcher"] = p.epoch_rng
-            total = self.group.sum(self.engine.loss_sum.clone())  # all ranks' partial sums (every rank builds it)
-            out["in_epoch"] = {"batch": p.batch, "loss_sum": total.item()}  # note: sync, at a checkpoint
+            total = self.group.sum(torch.stack([self.engine.loss_sum, self.engine.ce_sum]))  # all ranks' partial sums
+            loss_sum, ce_sum = total.tolist()  # note: sync, at a checkpoint
+            out["in_epoch"] = {"batch": p.batch, "loss_sum": loss_sum, "ce_sum": ce_sum}
         return out
 
     def _save(self, name: str, payload: checkpoint.Payload) -> None:

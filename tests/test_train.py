@@ -1,3 +1,4 @@
+import csv
 import dataclasses
 import math
 
@@ -241,3 +242,30 @@ def test_mid_epoch_resume_refuses_another_batch_size(tiny_config):
     with pytest.raises(CheckpointError, match="steps per epoch"):
         train(load_config(tiny_config, ["train.batch_size=20"]), resume=last, resume_payload=payload,
               log=lambda s: None)
+
+
+def test_label_smoothing_logs_the_plain_cross_entropy_and_a_like_for_like_gap(tiny_config, tmp_path):
+    """Issue 16 item 2: with label smoothing the objective is not what validation reports. Oracle: with an lr so
+    small the weights do not move in one full-batch step, train_ce and train_loss are the plain and smoothed
+    cross-entropy of the model on the training split, computed independently by evaluate()."""
+    import torch.nn.functional as F
+
+    from dlbase.data import load_dataset
+    from dlbase.evaluate import evaluate
+    from dlbase.state import load_for_eval
+    logs = []
+    cfg = load_config(tiny_config, ["train.label_smoothing=0.1", "optim.name=sgd", "optim.lr=1e-12",
+                                    "train.batch_size=500", "train.epochs=1"])
+    result = train(cfg, log=logs.append)
+    row = next(csv.DictReader(open(result.folder / "metrics.csv")))
+    _, model, _ = load_for_eval(result.folder / "last.ckpt", torch.device("cpu"))
+    split = load_dataset(cfg.data, cfg.seed, torch.device("cpu")).train
+    plain = evaluate(model, split)["loss"]
+    smoothed = evaluate(model, split, lambda z, y: F.cross_entropy(z, y, label_smoothing=0.1))["loss"]
+    assert float(row["train_ce"]) == pytest.approx(plain, abs=1e-5)
+    assert float(row["train_loss"]) == pytest.approx(smoothed, abs=1e-5)
+    line = next(x for x in logs if x.startswith("epoch 1/1"))
+    gap = float(line.split("gap ")[1].split(")")[0])
+    assert gap == pytest.approx(float(row["val_loss"]) - float(row["train_ce"]), abs=2e-4)
+    assert "train_ce" not in next(csv.DictReader(open(train(load_config(tiny_config, ["train.epochs=1"]),
+                                                                 log=lambda s: None).folder / "metrics.csv")))
