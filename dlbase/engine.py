@@ -80,6 +80,9 @@ def reasons(cfg: Config, device: torch.device, world: int = 1) -> list[tuple[str
                                         "torchrun"))
         if t.compile not in ("auto", "none"):
             bad.append(("train.compile", f"{t.compile} is not supported under torchrun yet; use auto or none"))
+        if cfg.model.norm == "batch" and device.type != "cuda":
+            bad.append(("model.norm", "batch under torchrun normalises across ranks with SyncBatchNorm, which torch "
+                                      "runs on CUDA only; use layer, or one process on the CPU"))
     return bad
 
 
@@ -183,7 +186,7 @@ class Engine:
         return self.prewarm_seconds
 
     # ---- one step, as code (eager, compiled, or being captured)
-    def _step(self, idx: torch.Tensor, n: int) -> None:
+    def _step(self, idx: torch.Tensor, n: int, weight: float = 1.0) -> None:
         x = self.split.x.index_select(0, idx)  # (B, D), already normalised
         y = self.split.y.index_select(0, idx)  # (B,)
         if self.manual:  # gradients by the delta rule, written out in backprop.py; no autograd graph at all
@@ -197,7 +200,7 @@ class Engine:
                 logits = self.forward(x)
             loss = self.loss_fn(logits, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight if weight != 1.0 else loss).backward()
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=self.device.type == "cuda")
         self.optimizer.step()
@@ -205,6 +208,19 @@ class Engine:
         if self.plain_ce:
             self.ce_sum.add_(torch.nn.functional.cross_entropy(logits.detach().float(), y), alpha=n)
         self.last_loss = loss.detach()
+
+    def _shard_step(self, idx: torch.Tensor) -> None:
+        """This rank's slice of a global batch of b samples. DDP averages the ranks' gradients, so each rank's mean
+        loss is weighted by n_rank * world / b: the average is then the gradient of the global batch's mean, also
+        when the last batch does not divide evenly. A rank left without a sample (b < world) still takes part in
+        the collective, on one sample with weight 0."""
+        rank, world = self.shard
+        part = idx.tensor_split(world)[rank]
+        n = part.shape[0]
+        if n == 0:
+            self._step(idx[:1], 0, weight=0.0)
+        else:
+            self._step(part, n, weight=n * world / idx.shape[0])
 
     def _set_lr(self, step: int) -> None:
         lr = self.schedule(step)  # a host float from the closed form: no sync
@@ -257,10 +273,9 @@ class Engine:
         while k < stop and not should_stop():
             self._set_lr(step + k - start)
             idx = perm[k * B:(k + 1) * B]
-            if self.shard[1] > 1:  # torchrun: this rank's part of the global batch; one too small to share
-                rank, world = self.shard  # is skipped by every rank alike (DDP needs all ranks in each step)
-                idx = idx.tensor_split(world)[rank] if idx.shape[0] >= world else idx[:0]
-            if idx.shape[0]:
+            if self.shard[1] > 1:  # torchrun: this rank's part of the global batch
+                self._shard_step(idx)
+            else:
                 self._step(idx, idx.shape[0])
             on_step(step + k - start)
             k += 1

@@ -131,8 +131,11 @@ class Trainer:
         self.folder = self._run_folder(folder)
         forward = None
         if self.group.enabled:  # gradients are averaged across ranks inside backward()
+            if cfg.model.norm == "batch":  # one set of batch statistics for the global batch, the same on all ranks
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             forward = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self._seed_rank()
         self.engine = Engine(self.model, self.optimizer, self.loss_fn, self.data.train, cfg.train, self.schedule,
                              self.device, self.plan, cfg.model, forward=forward,
                              shard=(self.group.rank, self.group.world))
@@ -140,6 +143,13 @@ class Trainer:
             ie = self.payload["in_epoch"]
             if self.group.main:
                 self.engine.set_loss_sum(float(ie["loss_sum"]), float(ie.get("ce_sum", 0.0)))
+
+    def _seed_rank(self) -> None:
+        """Each rank draws its own dropout masks (the weights were set from one seed and DDP broadcast rank 0's):
+        a stream per rank, from the seed, the rank and the step the run starts at."""
+        if self.group.rank:
+            seed = (self.cfg.seed * 1_000_003 + self.group.rank * 7919 + self.progress.step) % 2**63
+            torch.manual_seed(seed)  # every device's generator too
 
     def _run_folder(self, folder: Optional[Path]) -> Path:
         """The folder this run writes: the one given (a sweep's trial), the resumed run's own, or a new claim.
@@ -298,7 +308,7 @@ class Trainer:
         self.log(f"epoch {p.epoch}/{self._epochs_planned()}  train_loss {train_loss:.4f}{ce_text}{val_text}  "
                  f"lr {lr:.3g}  "
                  f"{metrics['seconds']:.1f}s{'  *best' if improved else ''}")
-        if self.monitor.should_stop:
+        if self.group.broadcast(self.monitor.should_stop):  # rank 0 decides for all: no rank left waiting
             self.log(f"early stop: no {self.monitor.metric} improvement for {self.monitor.bad_epochs} epochs "
                      f"(train.early_stop.patience={self.monitor.patience})")
             p.status = "early_stopped"

@@ -100,3 +100,59 @@ def test_sigterm_under_torchrun_stops_every_rank_with_a_checkpoint(tiny_config, 
                         f"train.epochs={target}"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert checkpoint.load(last)["epoch"] == target
+
+
+@pytest.mark.parametrize("subset", [599, 551])  # last batch 49 (25 + 24 across 2 ranks), and 1 (one rank gets none)
+def test_uneven_last_batches_equal_the_single_process_step(tiny_config, tmp_path, subset):
+    """Issue 16 item 6: each rank's loss weighted by its share, so every step is the one-process step. Plain SGD,
+    so the weights show the gradient itself (without the fix: off by 3e-4 and 4e-2; with it, 3e-8)."""
+    sets = ["train.epochs=2", "model.hidden=[32]", f"data.subset={subset}", "optim.name=sgd", "optim.lr=0.1"]
+    single = train(load_config(tiny_config, sets + [f"checkpoint.dir={tmp_path / 'one'}"]), log=lambda s: None)
+    r = torchrun("train", "--config", tiny_config, *[x for s in sets for x in ("--set", s)],
+                 "--set", f"checkpoint.dir={tmp_path / 'two'}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    two = tmp_path / "two" / "tiny"
+    assert losses(two) == pytest.approx(losses(single.folder), rel=1e-5)
+    a, b = checkpoint.load(single.folder / "last.ckpt")["model"], checkpoint.load(two / "last.ckpt")["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert checkpoint.load(two / "last.ckpt")["step"] == checkpoint.load(single.folder / "last.ckpt")["step"]
+
+
+def test_batch_norm_under_torchrun_on_the_cpu_is_refused_in_one_line(tiny_config):
+    """Issue 16 item 7: without SyncBatchNorm each rank would normalise its own half; torch has it on CUDA only."""
+    r = torchrun("train", "--config", tiny_config, "--set", "model.norm=batch")
+    assert r.returncode != 0 and "error: model.norm: batch under torchrun" in r.stderr
+    assert "dlbase/" not in r.stderr  # no frame of ours: the only traceback is torchrun's report of the exit
+
+
+RANK_DRAW = """
+import sys, torch
+from dlbase.config import load_config
+from dlbase.train import Trainer
+t = Trainer(load_config(sys.argv[1], sys.argv[2:]), log=lambda s: None)
+print("draw", t.group.rank, torch.rand(4).tolist(), flush=True)
+t.group.close()
+"""
+
+
+def test_each_rank_draws_its_own_dropout_masks(tiny_config, tmp_path):
+    """Issue 16 item 7: the ranks' random streams (dropout) differ after set-up; the weights do not (DDP)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    script = tmp_path / "draw.py"
+    script.write_text(RANK_DRAW)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), str(tiny_config), "model.dropout=0.5", f"checkpoint.dir={tmp_path / 'ck'}"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    draws = {line.split()[1]: line.split(None, 2)[2] for line in r.stdout.splitlines() if line.startswith("draw")}
+    assert set(draws) == {"0", "1"} and draws["0"] != draws["1"]
+
+
+def test_early_stop_under_torchrun_is_one_decision(tiny_config, tmp_path):
+    """Issue 16 item 7: rank 0 decides and every rank stops with it (no rank left in a collective)."""
+    r = torchrun("train", "--config", tiny_config, "--set", "train.epochs=6", "--set",
+                 "train.early_stop.patience=1", "--set", "train.early_stop.min_delta=10",
+                 "--set", f"checkpoint.dir={tmp_path / 'ck'}", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("early stop:") == 1
+    assert checkpoint.load(tmp_path / "ck" / "tiny" / "last.ckpt")["epoch"] == 2
