@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -214,7 +215,7 @@ def config_validate(
     typer.echo(f"{config}: valid")
 
 
-def main() -> None:
+def main(fast_exit: bool = True) -> None:
     """The console script: command-line mistakes (an unknown option or command, a missing argument, a value out
     of range) are one line on stderr and exit status 2, like every other mistake of the user's."""
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
@@ -235,7 +236,14 @@ def main() -> None:
         code = e.exit_code
     except typer.Abort:
         code = 130
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if fast_exit and sys.gettrace() is None and sys.getprofile() is None:
+        # every file is written, fsynced and closed by now: skip the interpreter's teardown of torch's modules
+        # (0.5-0.8 s of a 2-core CPU's time, after the result is out). Not under a profiler or a debugger.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,18 +6,30 @@ import math
 import torch
 from torch import nn
 
-from dlbase.config import EncodingConfig
+from dlbase.schema import EncodingConfig
 
 
 class NoEncoding(nn.Module):
-    """p itself: (B, D) -> (B, D)."""
+    """p itself, (B, D) -> (B, D); or, standardised, (p - mean) / std with the training split's one mean and std
+    (buffers: they travel in checkpoints and exported graphs, which so still take pixels in [0, 1])."""
 
-    def __init__(self, in_features: int):
+    def __init__(self, in_features: int, standardize: bool = False):
         super().__init__()
         self.out_features = in_features
+        self.standardize = standardize
+        if standardize:
+            self.register_buffer("mean", torch.zeros(()))
+            self.register_buffer("std", torch.ones(()))
+
+    @torch.no_grad()
+    def set_stats(self, x: torch.Tensor) -> None:
+        """Take the mean and std over all pixels of x (N, D), on its device: no host round trip."""
+        xf = x.float()
+        self.mean.copy_(xf.mean())
+        self.std.copy_(xf.std().clamp_min(1e-6))
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
-        return p
+        return (p - self.mean) / self.std if self.standardize else p
 
 
 class _Sinusoids(nn.Module):
@@ -86,8 +98,9 @@ class LearnedEncoding(_Sinusoids):
                               ((angles + self.phases[1]) * math.pi).sin())
 
 
-def build_encoding(cfg: EncodingConfig, in_features: int) -> nn.Module:
-    """The configured encoding; its `out_features` is the first layer's width."""
+def build_encoding(cfg: EncodingConfig, in_features: int, standardize: bool = False) -> nn.Module:
+    """The configured encoding; its `out_features` is the first layer's width. standardize: the inputs of the
+    plain (none) encoding are standardised; the sinusoid encodings take p in [0, 1], where gamma(p) is defined."""
     if cfg.name == "fourier":
         return FourierEncoding(in_features, cfg.num_freqs, cfg.include_input)
     if cfg.name == "gaussian":
@@ -95,4 +108,4 @@ def build_encoding(cfg: EncodingConfig, in_features: int) -> nn.Module:
     if cfg.name == "learned":
         return LearnedEncoding(in_features, cfg.num_freqs, cfg.include_input)
     assert cfg.name == "none", cfg.name
-    return NoEncoding(in_features)
+    return NoEncoding(in_features, standardize)

@@ -17,7 +17,7 @@ from dlbase import backprop
 from dlbase.data import DeviceSplit
 from dlbase.errors import ConfigError
 from dlbase.loss import LossFn
-from dlbase.optim import Schedule
+from dlbase.optim import Schedule, update_rule
 from dlbase.schema import GRAPH_OPTIMIZERS, Config, ModelConfig, TrainConfig
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -140,6 +140,7 @@ class Engine:
         assert not self.manual or model_cfg is not None, "the manual engine needs the model's config"
         self.cfg, self.schedule, self.device, self.plan = cfg, schedule, device, run_plan
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.update = update_rule(optimizer)  # optimizer.step without the wrapper that imports torch._dynamo
         self.loss_sum = torch.zeros((), device=device)  # sum over samples of the per-sample loss, this epoch
         # with label smoothing the objective is not the cross-entropy that validation reports: sum that too, so
         # the generalisation gap compares like with like (a few more kernels per step, only then)
@@ -171,8 +172,9 @@ class Engine:
         t0 = time.perf_counter()
         rng = torch.cuda.get_rng_state(self.device)
         model, optimizer = copy.deepcopy((self.model, self.optimizer))  # one memo: the copy steps the copy
-        real = (self.model, self.optimizer, self.forward, self.loss_sum, self.ce_sum, self.last_loss, self.params)
-        self.model, self.optimizer = model, optimizer
+        real = (self.model, self.optimizer, self.update, self.forward, self.loss_sum, self.ce_sum, self.last_loss,
+                self.params)
+        self.model, self.optimizer, self.update = model, optimizer, update_rule(optimizer)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.forward = torch.compile(model, mode=self.plan.compile) if self.plan.compile in COMPILE_MODES else model
         self.loss_sum, self.ce_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
@@ -180,7 +182,8 @@ class Engine:
         for _ in range(steps):
             self._step(idx, idx.shape[0])
         torch.cuda.synchronize(self.device)  # note: a sync at start-up, outside any epoch
-        self.model, self.optimizer, self.forward, self.loss_sum, self.ce_sum, self.last_loss, self.params = real
+        (self.model, self.optimizer, self.update, self.forward, self.loss_sum, self.ce_sum, self.last_loss,
+         self.params) = real
         torch.cuda.set_rng_state(rng, self.device)
         self.prewarm_seconds = time.perf_counter() - t0
         return self.prewarm_seconds
@@ -199,11 +202,12 @@ class Engine:
             with _autocast(self.plan, self.device):
                 logits = self.forward(x)
             loss = self.loss_fn(logits, y)
-            self.optimizer.zero_grad(set_to_none=True)
+            for p in self.params:  # zero_grad(set_to_none=True), without its dynamo-disable wrapper
+                p.grad = None
             (loss * weight if weight != 1.0 else loss).backward()
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=self.device.type == "cuda")
-        self.optimizer.step()
+        self.update()
         self.loss_sum.add_(loss.detach(), alpha=n)
         if self.plain_ce:
             self.ce_sum.add_(torch.nn.functional.cross_entropy(logits.detach().float(), y), alpha=n)

@@ -24,9 +24,9 @@ class MLP(nn.Module):
     forward() returns logits; `cfg.output` (softmax or sigmoid) is applied by the loss and by predictions.
     """
 
-    def __init__(self, cfg: ModelConfig, in_features: int = 784, num_classes: int = 10):
+    def __init__(self, cfg: ModelConfig, in_features: int = 784, num_classes: int = 10, standardize: bool = False):
         super().__init__()
-        self.encoding = build_encoding(cfg.encoding, in_features)
+        self.encoding = build_encoding(cfg.encoding, in_features, standardize)
         layers: list[nn.Module] = []
         width = self.encoding.out_features
         for h in cfg.hidden:
@@ -53,10 +53,15 @@ class MLP(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_features) float in [0, 1] -> logits (B, num_classes)."""
+        """x: (B, in_features) float in [0, 1] (pixels / 255) -> logits (B, num_classes)."""
         return self.net(self.encoding(x))
+
+
+def standardizes(cfg: Config) -> bool:
+    """Does this config's model standardise its inputs (data.normalize: standard, and no sinusoid encoding)?"""
+    return cfg.data.normalize == "standard" and cfg.model.encoding.name == "none"
 
 
 def build_model(cfg: Config, input_shape: tuple[int, int], device: torch.device) -> MLP:
     """The run's MLP for images of input_shape (height, width), on device."""
-    return MLP(cfg.model, in_features=input_shape[0] * input_shape[1]).to(device)
+    return MLP(cfg.model, in_features=input_shape[0] * input_shape[1], standardize=standardizes(cfg)).to(device)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -33,6 +33,7 @@ def _impl_kwargs(cfg: OptimConfig, device: torch.device, graph: bool) -> dict:
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig,
                     device: torch.device = torch.device("cpu"), graph: bool = False) -> torch.optim.Optimizer:
     """The torch optimiser OPTIM_INFO names, given the config fields it reads (and no others)."""
+    _no_dynamo_import()
     info = OPTIM_INFO[cfg.name]
     kwargs = {k: getattr(cfg, k) for k in info.reads}
     return getattr(torch.optim, info.torch_class)(list(params), **kwargs, **info.extra,
@@ -100,3 +101,38 @@ def _cos_anneal(a: float, b: float, frac: float) -> float:
 
 def build_schedule(cfg: ScheduleConfig, base_lr: float, steps_per_epoch: int, total_steps: int) -> Schedule:
     return Schedule(cfg, base_lr, steps_per_epoch, total_steps)
+
+
+def _no_dynamo_import() -> None:
+    """torch marks Optimizer.add_param_group, zero_grad, state_dict and load_state_dict with _disable_dynamo, whose
+    first call imports torch._dynamo (with sympy, FSDP and inductor's config: 1-3 s of start-up) only to mark them
+    never-compiled. dlbase never compiles an optimiser: give each the plain function, as torch caches it after
+    that first call. Once torch._dynamo is loaded anyway (torch.compile modes), torch's own path stays."""
+    import sys
+    if "torch._dynamo" in sys.modules:
+        return
+    for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict"):
+        fn = getattr(getattr(torch.optim.Optimizer, name), "__wrapped__", None)
+        if fn is not None and getattr(fn, "__dynamo_disable", None) is None:
+            fn.__dynamo_disable = fn
+
+
+def update_rule(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """optimizer.step() without torch's two wrappers around it: the profiler hook (no hooks here) and the
+    grad-mode guard, which imports torch._dynamo to mark a graph break for torch.compile. The update rule itself
+    runs as torch wrote it, under no_grad as the guard would. Falls back to optimizer.step when torch's layout
+    is not the one this expects."""
+    import sys
+    cls = type(optimizer)
+    raw = cls.step
+    while hasattr(raw, "__wrapped__"):
+        raw = raw.__wrapped__
+    if "torch._dynamo" in sys.modules or raw is cls.step or not raw.__qualname__.endswith(".step") \
+            or optimizer.defaults.get("differentiable"):
+        return optimizer.step
+
+    def step() -> None:
+        with torch.no_grad():
+            raw(optimizer)
+    return step
+

@@ -25,6 +25,7 @@ def _section(cls: type) -> Any:
 
 
 DATASETS = ("mnist", "fashion_mnist")
+NORMALIZATIONS = ("standard", "unit")
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "gelu", "silu")
 INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 NORMS = ("none", "batch", "layer")
@@ -86,6 +87,10 @@ class DataConfig:
                        ge=0, le=10**9, aliases=("val", "validation_size", "val_split"))
     subset: Optional[int] = _f(None, "use only the first N training samples (quick experiments); null = all",
                                ge=1, le=10**9, aliases=("limit", "n_train"))
+    normalize: str = _f("standard", "standard: inputs (p - mean) / std, one mean and std over all pixels of the "
+                                    "training split, kept in the model (eval, export and predict apply it); unit: "
+                                    "p in [0, 1]. Encodings always take p in [0, 1]", choices=NORMALIZATIONS,
+                        aliases=("normalization", "normalisation", "standardize", "scaling"))
 
 
 @dataclass(frozen=True)

@@ -93,9 +93,18 @@ def load_model_state(model: torch.nn.Module, state: dict, path: Optional[Path]) 
         raise CheckpointError(f"{path}: weights do not fit the model its config describes ({detail})") from None
 
 
+def stored_config(payload: checkpoint.Payload, path: Path, sets=()) -> Config:
+    """The resolved config stored in a checkpoint (with --set applied), validated again (it may predate a rule).
+    Keys added since it was written mean what the run did then: data.normalize absent is unit."""
+    raw = payload["config"]
+    if isinstance(raw, dict) and isinstance(raw.get("data"), dict) and "normalize" not in raw["data"]:
+        raw = {**raw, "data": {**raw["data"], "normalize": "unit"}}
+    return config_from_dict(raw, f"{path} (its stored config)", sets)
+
+
 def config_of(payload: checkpoint.Payload, path: Path) -> Config:
     """The resolved config stored in a checkpoint, validated again (it may predate a rule)."""
-    return config_from_dict(payload["config"], f"{path} (its stored config)")
+    return stored_config(payload, path)
 
 
 def load_for_eval(path: Path, device: torch.device) -> tuple[Config, MLP, checkpoint.Payload]:

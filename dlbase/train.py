@@ -16,16 +16,17 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from dlbase import checkpoint, distributed, rundir
-from dlbase.config import Config, config_from_dict, load_config, to_dict, to_yaml
+from dlbase.config import Config, load_config, to_dict, to_yaml
 from dlbase.data import Batcher, Dataset, load_dataset
 from dlbase.engine import Engine, plan_run, resolve_device, set_matmul_precision
 from dlbase.errors import CheckpointError, ConfigError, TrainingDiverged
 from dlbase.evaluate import evaluate
 from dlbase.loss import build_eval_loss, build_loss
-from dlbase.model import build_model
+from dlbase.model import build_model, standardizes
 from dlbase.optim import build_optimizer, build_schedule
+from dlbase.phases import Phases
 from dlbase.preempt import Preemption
-from dlbase.state import Monitor, load_model_state, load_optimizer_state, restore_rng, rng_state
+from dlbase.state import Monitor, load_model_state, load_optimizer_state, restore_rng, rng_state, stored_config
 
 PLOTS = ("curves.png", "gradnorms.png")
 VANISHING_RATIO = 1e-3  # first layer's gradient norm below this fraction of the last layer's: warn
@@ -95,7 +96,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[checkpoint.Payload] = None,
                  log: Callable[[str], None] = print, folder: Optional[Path] = None,
                  dataset: Optional[Dataset] = None):
-        self.cfg, self.log, self.progress = cfg, log, Progress()
+        self.cfg, self.log, self.progress, self.phases = cfg, log, Progress(), Phases()
         self.resume, self.payload = resume, resume_payload
         self.rows: list[dict] = []  # metrics.csv
         self.folder: Optional[Path] = None
@@ -104,16 +105,31 @@ class Trainer:
     # ------------------------------------------------------------------ set up
     def _setup(self, folder: Optional[Path], dataset: Optional[Dataset]) -> None:
         """Device, plan, data, run folder, model, optimiser, engine: every check before any file is written."""
-        cfg = self.cfg
-        self.group, device_spec = distributed.setup(cfg.device)  # torchrun: one process per device
-        self.device = resolve_device(device_spec)
-        self.plan = plan_run(cfg, self.device, self.group.world)  # every reason it cannot run here, at once
-        if not self.group.main:
-            self.log = _no_log  # rank 0 speaks and writes; the others train
-        set_matmul_precision(self.plan, self.device)
+        cfg, phases = self.cfg, self.phases
+        with phases("device"):
+            self.group, device_spec = distributed.setup(cfg.device)  # torchrun: one process per device
+            self.device = resolve_device(device_spec)
+            self.plan = plan_run(cfg, self.device, self.group.world)  # every reason it cannot run here, at once
+            if not self.group.main:
+                self.log = _no_log  # rank 0 speaks and writes; the others train
+            set_matmul_precision(self.plan, self.device)
+            if self.device.type == "cuda":
+                torch.empty(1, device=self.device)  # CUDA's context, here rather than inside the data's copy
         seed_everything(cfg.seed)
-        self.data = dataset or load_dataset(cfg.data, cfg.seed, self.device, self.plan.data_dtype)
+        self.data = dataset or load_dataset(cfg.data, cfg.seed, self.device, self.plan.data_dtype, phases=phases)
+        with phases("set-up"):
+            self._build()
+            if self.payload is not None:
+                self._restore(self.payload, self.resume)  # before any file is written: a refusal leaves no trace
+            self.folder = self._run_folder(folder)
+            self._build_engine()
+
+    def _build(self) -> None:
+        """The model, optimiser, batcher, schedule and losses this config describes."""
+        cfg = self.cfg
         self.model = build_model(cfg, self.data.input_shape, self.device)
+        if standardizes(cfg):
+            self.model.encoding.set_stats(self.data.train.x)  # once, on the device; a resume restores the same
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim, self.device,
                                          graph=self.plan.compile == "graph")
         n = len(self.data.train)
@@ -126,10 +142,10 @@ class Trainer:
         self.loss_fn = build_loss(cfg.train.loss, cfg.model.output, cfg.train.label_smoothing)
         self.eval_loss = build_eval_loss(cfg.train.loss, cfg.model.output)
         self.monitor = Monitor(cfg, self.data.val is not None)
-        if self.payload is not None:
-            self._restore(self.payload, self.resume)  # before any file is written: a refusal leaves no trace
-        self.folder = self._run_folder(folder)
-        forward = None
+
+    def _build_engine(self) -> None:
+        """DDP's wrapper under torchrun, and the Engine that runs the steps."""
+        cfg, forward = self.cfg, None
         if self.group.enabled:  # gradients are averaged across ranks inside backward()
             if cfg.model.norm == "batch":  # one set of batch statistics for the global batch, the same on all ranks
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -223,7 +239,9 @@ class Trainer:
             if self.group.main:
                 rundir.write_atomic(self.folder / "config.yaml", to_yaml(self.cfg), "config.yaml")
             self._announce()
-            if self.engine.prewarm():
+            with self.phases("start-up"):
+                warmed = self.engine.prewarm()
+            if warmed:
                 self.log(f"start-up: CUDA kernels loaded on a throwaway copy in {self.engine.prewarm_seconds:.2f}s")
             with Preemption() as self.preempt:
                 while p.step < self.total_steps and p.status == "running":
@@ -282,7 +300,9 @@ class Trainer:
         p.epoch, p.batch, p.epoch_rng = p.epoch + 1, 0, None
         train_seconds = time.perf_counter() - self._t0  # after the sync: the steps' GPU work is done
         p.train_seconds += train_seconds
-        val = evaluate(self.model, self.data.val, self.eval_loss) if self.data.val is not None else None
+        self.phases.add("training", train_seconds)
+        with self.phases("validation"):
+            val = evaluate(self.model, self.data.val, self.eval_loss) if self.data.val is not None else None
         lr = self.schedule(p.step - 1)
         norms = layer_norms(self.model)
         self._warn_vanishing(norms)
@@ -299,7 +319,8 @@ class Trainer:
         if improved:
             self._save("best.ckpt", ckpt)
         if self.group.main:
-            rundir.write_metrics(self.folder / "metrics.csv", self.rows)
+            with self.phases("checkpoints"):
+                rundir.write_metrics(self.folder / "metrics.csv", self.rows)
         self._save("last.ckpt", ckpt)
         like = train_ce if train_ce is not None else train_loss  # the gap compares cross-entropy with itself
         ce_text = f" (cross-entropy {train_ce:.4f})" if train_ce is not None else ""
@@ -337,7 +358,9 @@ class Trainer:
             self.log(f"test it: dlbase eval {rundir.quote(folder / 'last.ckpt')}")
         if self.rows and self.group.main:
             from dlbase.report import plot_run
-            plot_run(folder)  # curves.png, gradnorms.png; a write failure is one line (exit 2), the run is saved
+            with self.phases("plots"):
+                plot_run(folder)  # curves.png, gradnorms.png; a write failure is one line (exit 2), the run is saved
+        self.log(self.phases.line())
         return self._result(0)
 
     def _nothing_to_do(self) -> RunResult:
@@ -389,7 +412,8 @@ class Trainer:
 
     def _save(self, name: str, payload: checkpoint.Payload) -> None:
         if self.group.main:
-            checkpoint.save(self.folder / name, payload)
+            with self.phases("checkpoints"):
+                checkpoint.save(self.folder / name, payload)
 
     def _check_finite(self) -> None:
         """The NaN guard, at every check (checkpoints, epoch ends): stop before anything non-finite is saved."""
@@ -496,8 +520,7 @@ def configure(config: Optional[Path], sets: Sequence[str], resume: Optional[Path
         resume, payload = checkpoint.newest(resume)
     else:
         payload = checkpoint.load(resume)
-    cfg = (load_config(config, sets) if config is not None
-           else config_from_dict(payload["config"], f"{resume} (its stored config)", sets))
+    cfg = load_config(config, sets) if config is not None else stored_config(payload, resume, sets)
     return Invocation(cfg, resume, payload)
 
 

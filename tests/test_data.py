@@ -1,4 +1,5 @@
 import gzip
+import os
 import struct
 
 import pytest
@@ -154,3 +155,28 @@ def test_batcher_covers_every_sample_once_per_epoch(n, bs):
         assert not torch.equal(orders[0], orders[1])  # reshuffled every epoch
     b2 = Batcher(n, bs, torch.device("cpu"), seed=0)
     assert torch.equal(torch.cat(list(b2.epoch())), orders[0])  # reproducible from the seed
+
+
+def test_large_gzipped_files_are_decompressed_and_hashed_once(tmp_path, monkeypatch):
+    """Issue 15: the second read comes from the user cache (no gunzip, no md5); a changed file is read anew, and
+    a damaged cache entry falls back to the file."""
+    import gzip as gz
+
+    from dlbase import data as D
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = make_dataset(tmp_path / "big", n_train=1500, n_test=10)
+    path = folder / "train-images-idx3-ubyte.gz"
+    first, md5 = read_idx(path, 3)
+    entries = list((tmp_path / "cache" / "dlbase" / "idx").glob("*.idx"))
+    assert len(entries) == 1
+    opened = []
+    real_open = gz.open
+    monkeypatch.setattr(D.gzip, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    again, md5_again = read_idx(path, 3)
+    assert opened == [] and md5_again == md5 and torch.equal(again, first)
+    entries[0].write_bytes(entries[0].read_bytes()[:100])  # damaged: read the file itself
+    assert torch.equal(read_idx(path, 3)[0], first) and len(opened) == 1
+    images, labels = synthetic_digits(1500, 9)
+    write_idx(path, images)  # a new file at the same path: a new cache key
+    os.utime(path, ns=(1, 1))
+    assert torch.equal(read_idx(path, 3)[0], images)

@@ -316,7 +316,7 @@ def test_fuzzed_command_lines_end_in_success_or_one_line(precious):
         try:
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
                 try:
-                    main()
+                    main(fast_exit=False)
                     code = 0
                 except SystemExit as e:
                     code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)

@@ -205,9 +205,10 @@ def test_missing_data_leaves_no_empty_run_folder(tiny_config, tmp_path):
 
 
 def test_resume_after_a_partial_epoch_with_more_steps(tiny_config):
-    first = train(load_config(tiny_config, ["train.max_steps=25"]), log=lambda s: None)
+    slow = "optim.lr=0.0005"  # standardised inputs make the tiny set easy: keep the loss visibly above 0
+    first = train(load_config(tiny_config, ["train.max_steps=25", slow]), log=lambda s: None)
     last = first.folder / "last.ckpt"
-    cfg = load_config(tiny_config, ["train.max_steps=40"])
+    cfg = load_config(tiny_config, ["train.max_steps=40", slow])
     train(cfg, resume=last, resume_payload=checkpoint.load(last), log=lambda s: None)
     rows = rows_of(first.folder)
     assert [int(r["step"]) for r in rows] == [10, 20, 25, 35, 40]  # epoch 3 was cut at 25; 4 and 5 go on
@@ -269,3 +270,35 @@ def test_label_smoothing_logs_the_plain_cross_entropy_and_a_like_for_like_gap(ti
     assert gap == pytest.approx(float(row["val_loss"]) - float(row["train_ce"]), abs=2e-4)
     assert "train_ce" not in next(csv.DictReader(open(train(load_config(tiny_config, ["train.epochs=1"]),
                                                                  log=lambda s: None).folder / "metrics.csv")))
+
+
+def test_inputs_are_standardised_by_the_model_with_the_training_split_statistics(tiny_config, tmp_path):
+    """Issue 15: data.normalize: standard (the default) — one mean and one std over all pixels of the training
+    split, computed on the device, kept in the model's buffers (so eval, export and predict apply them to pixels
+    in [0, 1]); sinusoid encodings still take p in [0, 1]; unit keeps the old inputs."""
+    from dlbase.data import load_dataset
+    from dlbase.state import load_for_eval
+    cfg = load_config(tiny_config, ["train.epochs=1"])
+    assert cfg.data.normalize == "standard"
+    result = train(cfg, log=lambda s: None)
+    x = load_dataset(cfg.data, cfg.seed, torch.device("cpu")).train.x.double()  # the oracle, in float64
+    _, model, _ = load_for_eval(result.folder / "last.ckpt", torch.device("cpu"))
+    assert float(model.encoding.mean) == pytest.approx(float(x.mean()), rel=1e-5)
+    assert float(model.encoding.std) == pytest.approx(float(x.std()), rel=1e-5)
+    p = torch.rand(3, 784)
+    assert torch.allclose(model.encoding(p), ((p.double() - x.mean()) / x.std()).float(), atol=1e-5)
+    for sets in (["data.normalize=unit"], ["model.encoding.name=fourier"]):
+        other = train(load_config(tiny_config, ["train.epochs=1", *sets]), log=lambda s: None)
+        _, m, _ = load_for_eval(other.folder / "last.ckpt", torch.device("cpu"))
+        assert not any("mean" in k for k in m.state_dict()) and torch.equal(m.encoding(p)[:, :784] if sets[0].startswith("data") else p, p)
+
+
+def test_a_checkpoint_from_before_data_normalize_loads_as_unit(tiny_config, tmp_path):
+    from dlbase.state import load_for_eval
+    result = train(load_config(tiny_config, ["train.epochs=1", "data.normalize=unit"]), log=lambda s: None)
+    payload = checkpoint.load(result.folder / "last.ckpt")
+    del payload["config"]["data"]["normalize"]  # as written before the key existed
+    old = tmp_path / "old.ckpt"
+    torch.save(payload, old)
+    cfg, model, _ = load_for_eval(old, torch.device("cpu"))
+    assert cfg.data.normalize == "unit" and not model.encoding.standardize
