@@ -164,22 +164,24 @@ def sweep(
 def export_(
     ckpt: Path = typer.Argument(..., help="A .ckpt file written by dlbase train.", show_default=False),
     fmt: str = typer.Option(..., "--format", "-f", help="onnx (dynamic batch axis, encoding inside), "
-                            "safetensors (the resolved config in its metadata) or torchscript.", show_default=False),
+                            "safetensors (the resolved config in its metadata), export (torch.export, a .pt2 file "
+                            "for torch.export.load) or torchscript (while torch has it).", show_default=False),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: next to the checkpoint, "
-                                       "with the format's suffix).", show_default=False),
+                                       "with the format's suffix). Never the checkpoint itself.", show_default=False),
+    force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
 ) -> None:
-    """Write a checkpoint's model in a format other tools load: ONNX, safetensors or TorchScript."""
+    """Write a checkpoint's model in a format other tools load: ONNX, safetensors, torch.export or TorchScript."""
     from dlbase.export import export
 
-    typer.echo(str(export(ckpt, fmt, out)))
+    typer.echo(str(export(ckpt, fmt, out, force)))
 
 
 @app.command()
 @user_errors
 def predict(
     ckpt: Path = typer.Argument(..., help="A .ckpt file written by dlbase train.", show_default=False),
-    images: List[Path] = typer.Argument(..., help="PNG or JPEG files of single digits, any size.",
-                                        show_default=False),
+    images: List[Path] = typer.Argument(..., help="PNG or JPEG files of single digits, any size; 8 or 16 bits, "
+                                        "transparency composited.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
 ) -> None:
     """Classify image files: each is turned to grey, ink-on-black, scaled into a 20x20 box and centred by mass
