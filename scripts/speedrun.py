@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dlbase.phases import parse as parse_phases  # noqa: E402
 
 
 def dlbase(*args: str) -> subprocess.CompletedProcess:
@@ -56,13 +59,20 @@ def main() -> None:
             if e.returncode != 0:
                 sys.exit(f"seed {seed}: dlbase eval failed: {e.stderr}")
             ev = json.loads(e.stdout)
+            # where the command's time went, from its own `time (s):` line; "exit" is what the wall clock saw
+            # after the process's last reading (interpreter teardown, the shell getting the prompt back)
+            phases = next((parse_phases(line) for line in r.stdout.splitlines() if line.startswith("time (s):")), {})
+            if phases:
+                phases["exit"] = max(0.0, wall - phases["total"])
             rows.append({"seed": seed, "test_accuracy": ev["accuracy"], "best_epoch": ev["epoch"],
                          "epochs": len(metrics), "train_seconds": train_s, "command_seconds": wall,
+                         "phases": phases,
                          "plan": next((line.split("(")[-1].rstrip(")") for line in r.stdout.splitlines()
                                        if line.startswith("data:")), "")})
             x = rows[-1]
             print(f"seed {seed}: test {100 * x['test_accuracy']:.2f}%  training {x['train_seconds']:.3f}s  "
                   f"command {wall:.1f}s  (best epoch {x['best_epoch']} of {x['epochs']}; {x['plan']})", flush=True)
+            print("  " + "  ".join(f"{k} {v:.2f}" for k, v in phases.items()), flush=True)
 
     def mean_sd(key):
         vals = [r[key] for r in rows]
@@ -76,6 +86,9 @@ def main() -> None:
         "command_seconds_mean": wall[0], "command_seconds_max": wall[3], "rows": rows,
         "meets_target": acc[0] >= args.target,
     }
+    names = list(dict.fromkeys(k for r in rows for k in r["phases"]))
+    summary["phases_mean"] = {k: statistics.mean(r["phases"].get(k, 0.0) for r in rows) for k in names}
+    print("phases (mean s): " + "  ".join(f"{k} {v:.2f}" for k, v in summary["phases_mean"].items()))
     print(f"test accuracy {100 * acc[0]:.2f}% +- {100 * acc[1]:.2f} (min {100 * acc[2]:.2f}%), training "
           f"{train_s[0]:.3f}s +- {train_s[1]:.3f} (max {train_s[3]:.3f}s), whole command {wall[0]:.1f}s "
           f"(max {wall[3]:.1f}s) over {args.seeds} seeds")

@@ -106,7 +106,8 @@ def test_kill_minus_9_never_leaves_a_broken_checkpoint(tmp_path, tiny_data):
     kills = 0
     while kills < 10:
         last = folder / "last.ckpt"
-        proc = dlbase("train", "--resume", last) if last.exists() else dlbase("train", "--config", cfg)
+        # the run's folder, once it exists: its newest checkpoint, or (killed before one) a start over in place
+        proc = dlbase("train", "--resume", folder, "--config", cfg) if folder.exists() else dlbase("train", "--config", cfg)
         wait_for_training(proc)
         time.sleep(rng.uniform(0.02, 0.35))  # kills land in steps, evaluations and checkpoint writes
         if proc.poll() is not None:
