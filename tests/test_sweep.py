@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from dlbase import checkpoint
 from dlbase.cli import app
 from dlbase.config import load_config
 from dlbase.data import fold_indices
@@ -121,18 +123,42 @@ def test_sweep_end_to_end_picks_the_best_and_resumes(tmp_path, tiny_data):
     assert stamp == {t: (root / t / "result.json").stat().st_mtime_ns for t in stamp}
 
 
-def test_cross_validation_scores_mean_and_std(tmp_path, tiny_data):
+def test_cross_validation_scores_mean_and_std_then_retrains_on_every_image(tmp_path, tiny_data):
     cfg = base_config(tmp_path, tiny_data)
     spec_file = tmp_path / "cv.yaml"
     spec_file.write_text(yaml.safe_dump({"name": "cv", "cv_folds": 3, "params": {"optim.lr": [0.03]}}))
-    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec_file)])
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec_file), "--set", "train.epochs=3",
+                            "--set", "train.early_stop.patience=2"])
     assert r.exit_code == 0, r.output
     root = tmp_path / "ckpt" / "cv"
     accs = [max(float(m["val_accuracy"]) for m in csv.DictReader(open(root / "trial-000" / f"fold-{f}" / "metrics.csv")))
             for f in (1, 2, 3)]
     row = next(csv.DictReader(open(root / "results.csv")))
     assert float(row["score"]) == pytest.approx(sum(accs) / 3, abs=1e-6) and float(row["std"]) >= 0
-    assert (root / "winner" / "best.ckpt").exists()  # the winner retrained on all the training data, then tested
+    # the winner retrained on every training image for CV's epoch count, its last checkpoint tested once.
+    # oracle: the mean over folds of each fold's best epoch, rounded half up, at least 1
+    chosen = [checkpoint.load(root / "trial-000" / f"fold-{f}" / "best.ckpt")["epoch"] for f in (1, 2, 3)]
+    epochs = max(1, math.floor(sum(chosen) / 3 + 0.5))
+    final = checkpoint.load(root / "winner" / "last.ckpt")
+    assert final["config"]["data"]["val_size"] == 0 and final["epoch"] == epochs
+    assert final["config"]["train"]["early_stop"] == {"patience": None, "metric": None, "min_delta": 0.0}
+    assert final["best"]["metric"] == "train_loss"  # no validation data to choose with: the last epoch is kept
+    rows = list(csv.DictReader(open(root / "winner" / "metrics.csv")))
+    assert len(rows) == epochs and not any(m["val_accuracy"] for m in rows)
+    winner = json.loads((root / "winner.json").read_text())
+    assert winner["checkpoint"] == str(root / "winner" / "last.ckpt")
+    said = f"all 600 training images, {epochs} epoch{'s' if epochs > 1 else ''} (mean best epoch over 3 folds: "
+    assert winner["trained_on"].startswith(said) and f"retrained on {said}" in r.stdout
+    assert load_config(root / "best.yaml").train.epochs == epochs  # best.yaml trains the model that was tested
+    r = runner.invoke(app, ["eval", str(root / "winner" / "last.ckpt"), "--json"])  # oracle for the test number
+    assert r.exit_code == 0 and json.loads(r.stdout)["accuracy"] == pytest.approx(winner["test_accuracy"])
+
+
+def test_val_size_zero_is_refused_without_blaming_a_set_never_typed(tmp_path, tiny_data):
+    cfg = base_config(tmp_path, tiny_data)
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--set", "data.val_size=0"])
+    assert r.exit_code == 2 and "--set data.val_size=0: data.val_size" in r.stderr, r.output
+    assert "early_stop" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_invalid_sweep_values_fail_before_any_trial(tmp_path, tiny_data):
@@ -179,5 +205,123 @@ def test_a_signal_stops_the_whole_sweep_and_a_rerun_resumes(tmp_path, tiny_data)
 
 
 def checkpoint_epoch(path):
-    from dlbase import checkpoint
     return checkpoint.load(path)["epoch"]
+
+
+def plain_base(tmp_path, tiny_data):
+    """A base config without a sweep: section (the trials come from --grid), one short epoch per trial."""
+    p = tmp_path / "plain.yaml"
+    p.write_text(f"""
+name: sw
+device: cpu
+data: {{root: {tiny_data}, download: false, val_size: 100}}
+model: {{hidden: [16]}}
+optim: {{lr: 0.05}}
+train: {{epochs: 1, batch_size: 50}}
+checkpoint: {{dir: {tmp_path / 'ckpt'}}}
+""")
+    return p
+
+
+def stamps(root):
+    return {p.parent.name: p.stat().st_mtime_ns for p in root.glob("trial-*/result.json")}
+
+
+def test_a_diverging_trial_is_a_failed_result_and_the_sweep_goes_on(tmp_path, tiny_data):
+    cfg = plain_base(tmp_path, tiny_data)
+    args = ["sweep", "--config", str(cfg), "--set", "optim.name=sgd", "--grid", "optim.weight_decay=[0.0,1e6,0.001]"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    root = tmp_path / "ckpt" / "sw_sweep"
+    assert "diverged" in next(line for line in r.stdout.splitlines() if line.startswith("trial-001:"))
+    rows = list(csv.DictReader(open(root / "results.csv")))
+    assert [(m["trial"], m["status"]) for m in rows][-1] == ("trial-001", "diverged")
+    assert [m["status"] for m in rows[:2]] == ["finished", "finished"] and rows[-1]["rank"] == "3"
+    assert rows[-1]["score"] == "" and float(rows[0]["score"]) >= float(rows[1]["score"])
+    assert json.loads((root / "winner.json").read_text())["winner"]["trial"] != "trial-001"
+    assert json.loads((root / "trial-001" / "result.json").read_text())["status"] == "diverged"
+    before = stamps(root)
+    r = runner.invoke(app, args)  # a rerun reuses the failed result: it does not hit the same trial forever
+    assert r.exit_code == 0, r.output
+    assert "trial-001:" not in r.stdout and stamps(root) == before
+    # every trial diverging: one line, exit 2, no winner, the test set never used
+    r = runner.invoke(app, [*args[:-1], "optim.weight_decay=[1e6]", "--set", "name=bad"])
+    assert r.exit_code == 2 and "every trial diverged" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "ckpt" / "bad_sweep" / "results.csv").exists()
+    assert not (tmp_path / "ckpt" / "bad_sweep" / "winner.json").exists()
+
+
+def test_a_rerun_after_the_base_config_changed_refuses_stale_trials(tmp_path, tiny_data):
+    cfg = plain_base(tmp_path, tiny_data)
+    args = ["sweep", "--config", str(cfg), "--grid", "optim.lr=[0.03,0.01]"]
+    assert runner.invoke(app, args).exit_code == 0
+    root, original = tmp_path / "ckpt" / "sw_sweep", cfg.read_text()
+    before, best = stamps(root), (root / "best.yaml").read_text()
+    cfg.write_text(original.replace("hidden: [16]", "hidden: [24]"))
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "model.hidden: [16] -> [24]" in r.stderr and "another name" in r.stderr and str(root) in r.stderr
+    assert stamps(root) == before and (root / "best.yaml").read_text() == best  # nothing reused, nothing rerun
+    (root / "trial-000" / "result.json").unlink()  # an interrupted trial would go on from its last.ckpt: not so
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "last.ckpt" in r.stderr and "model.hidden" in r.stderr
+    cfg.write_text(original.replace("lr: 0.05", "lr: 0.07"))  # a key every trial overrides: nothing is stale
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "trial-000:" in r.stdout and "trial-001:" not in r.stdout, r.output
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "my sweep", ".hidden", "a/b", "x" * 129])
+def test_a_sweep_name_is_one_safe_path_component(name):
+    with pytest.raises(ConfigError) as e:
+        parse_spec({"name": name, "params": {"optim.lr": [0.1]}}, "s.yaml", "x")
+    assert all(w in str(e.value) for w in ("s.yaml", "sweep.name", repr(name), "letters, digits"))
+
+
+def test_an_escaping_sweep_name_writes_nothing(tmp_path, tiny_data):
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump({"name": "../../escaped", "params": {"optim.lr": [0.1]}}))
+    r = runner.invoke(app, ["sweep", "--config", str(plain_base(tmp_path, tiny_data)), "--sweep", str(spec_file)])
+    assert r.exit_code == 2 and "sweep.name" in r.stderr and str(spec_file) in r.stderr
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path.parent / "escaped").exists()
+
+
+def test_an_unwritable_checkpoint_dir_is_one_line_before_any_trial(tmp_path, tiny_data):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    r = runner.invoke(app, ["sweep", "--config", str(plain_base(tmp_path, tiny_data)), "--grid", "optim.lr=[0.1]",
+                            "--set", f"checkpoint.dir={blocker}"])
+    assert r.exit_code == 2 and "checkpoint.dir" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_checkpoint_dir_is_one_line_before_any_trial(tmp_path, tiny_data):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt").chmod(0o555)
+    try:
+        r = runner.invoke(app, ["sweep", "--config", str(plain_base(tmp_path, tiny_data)), "--grid", "optim.lr=[0.1]"])
+    finally:
+        (tmp_path / "ckpt").chmod(0o755)
+    assert r.exit_code == 2 and "checkpoint.dir: cannot write" in r.stderr, r.output
+
+
+def test_every_sweep_file_goes_through_the_atomic_write(tmp_path, tiny_data, monkeypatch):
+    from dlbase import rundir
+    written, real = [], rundir.write_atomic
+
+    def spy(path, data, what="file"):
+        written.append(Path(path).name)
+        real(path, data, what)
+    monkeypatch.setattr(rundir, "write_atomic", spy)
+    args = ["sweep", "--config", str(plain_base(tmp_path, tiny_data)), "--grid", "optim.lr=[0.03]"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert {"sweep.yaml", "result.json", "results.csv", "best.yaml", "winner.json"} <= set(written)
+    root = tmp_path / "ckpt" / "sw_sweep"
+    assert not list(root.rglob("*.tmp"))
+    (root / "winner.json").unlink()
+    (root / "winner.json").mkdir()  # a write that fails: one line, exit 2, the files already there untouched
+    results = (root / "results.csv").read_text()
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "winner.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert (root / "results.csv").read_text() == results
