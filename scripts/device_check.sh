@@ -8,6 +8,9 @@
 #   DEVICE_CHECK_TINY=1 bash scripts/device_check.sh   # the same steps on the CPU on a few samples (tests)
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DLBASE_DATA=${DLBASE_DATA:-$PWD/.data/mnist}
+# byte-code caches somewhere writable: a read-only site-packages would otherwise be compiled on every start
+# (4 s of each command on the device machine), which no installed copy of dlbase and torch pays
+export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/dlbase-pycache}
 OUT=${OUT:-/tmp/dlbase-device}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
