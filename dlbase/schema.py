@@ -203,7 +203,11 @@ class TrainConfig:
     compile: str = _f("auto", "auto (graph on CUDA, none on CPU) | none (eager) | graph (each step one CUDA "
                               "graph) | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs "
                               "(torch.compile modes)", choices=COMPILES, aliases=("mode", "torch_compile", "graph"))
-    log_every: int = _f(50, "steps between progress-bar loss updates (each one is a host sync)",
+    tensorboard: bool = _f(True, "write TensorBoard event files into the run folder (when the tensorboard package is "
+                                 "installed): per-epoch metrics, the training loss every log_every steps, hparams",
+                           aliases=("tb", "events", "tensorboard_logging"))
+    log_every: int = _f(50, "steps between training-loss points in TensorBoard and progress-bar updates (a bar "
+                            "update is a host sync; the TensorBoard points are read once per epoch)",
                         ge=1, le=10**9)
 
 

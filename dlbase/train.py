@@ -155,8 +155,11 @@ class Trainer:
         self.engine = Engine(self.model, self.optimizer, self.loss_fn, self.data.train, cfg.train, self.schedule,
                              self.device, self.plan, cfg.model, forward=forward,
                              shard=(self.group.rank, self.group.world))
+        self._snaps = torch.zeros(self.steps_per_epoch // cfg.train.log_every + 1, device=self.device)
+        self._start_sum = 0.0  # the loss sum the epoch in progress started this process with (a mid-epoch resume)
         if self.payload is not None and "in_epoch" in self.payload:  # the saved sums are all ranks'
             ie = self.payload["in_epoch"]
+            self._start_sum = float(ie["loss_sum"])
             if self.group.main:
                 self.engine.set_loss_sum(float(ie["loss_sum"]), float(ie.get("ce_sum", 0.0)))
 
@@ -238,6 +241,7 @@ class Trainer:
                 return self._nothing_to_do()
             if self.group.main:
                 rundir.write_atomic(self.folder / "config.yaml", to_yaml(self.cfg), "config.yaml")
+                self._open_events()
             self._announce()
             with self.phases("start-up"):
                 warmed = self.engine.prewarm()
@@ -249,9 +253,18 @@ class Trainer:
                         self._end_epoch()
             return self._finish()
         finally:
+            if self.events is not None:
+                self.events.close()
             if self.group.main and self.folder is not None:
                 rundir.remove_if_empty(self.folder)  # stopped before anything was written: no empty run folder
             self.group.close()
+
+    events = None  # the run's TensorBoard event log (dlbase/tblog.py), rank 0 only, when enabled and installed
+
+    def _open_events(self) -> None:
+        if self.cfg.train.tensorboard:
+            from dlbase.tblog import open_events
+            self.events = open_events(self.folder, self.cfg, self.progress.step, self.log)
 
     def _announce(self) -> None:
         d = self.data
@@ -275,10 +288,12 @@ class Trainer:
         n_steps = min(self.steps_per_epoch, p.batch + self.total_steps - p.step)  # max_steps may cut it
         self._seen = min(self.n_used, n_steps * self.cfg.train.batch_size)
         bar = self._bar(n_steps)
+        self._snap_steps: list[int] = []  # global steps (after the step) whose running loss sum was snapshot
+        self._snap_from = (p.step - p.batch, p.batch)  # this epoch's first global step; batches done before this call
         while p.batch < n_steps:
             # run to the next mid-epoch checkpoint (a multiple of every_steps), the epoch's end, or a signal
             stop = n_steps if every is None else min(n_steps, p.batch + every - (p.step % every))
-            done = self.engine.epoch(perm, p.step, p.batch, stop, bar.on_step, self._should_stop)
+            done = self.engine.epoch(perm, p.step, p.batch, stop, lambda s: self._on_step(s, bar), self._should_stop)
             p.batch += done
             p.step += done
             if p.batch < n_steps:  # a mid-epoch boundary: every_steps reached, or asked to stop
@@ -294,9 +309,12 @@ class Trainer:
         """The epoch's one sync, validation, the metrics row, the monitor, then best -> metrics -> last."""
         p = self.progress
         self._check_finite()
-        sums = (self.group.sum(self.engine.take_loss_sum()) / max(1, self._seen)).tolist()  # note: sync, per epoch
-        train_loss = sums[0]
-        train_ce = sums[1] if self.engine.plain_ce else None  # label smoothing: the unsmoothed cross-entropy
+        k = len(self._snap_steps)
+        read = self.group.sum(torch.cat([self.engine.take_loss_sum(), self._snaps[:k]])).tolist()  # note: sync, per epoch
+        train_loss, ce_sum = read[0] / max(1, self._seen), read[1] / max(1, self._seen)
+        train_ce = ce_sum if self.engine.plain_ce else None  # label smoothing: the unsmoothed cross-entropy
+        step_losses = self._step_losses(read[2:], self._start_sum)
+        self._start_sum = 0.0
         p.epoch, p.batch, p.epoch_rng = p.epoch + 1, 0, None
         train_seconds = time.perf_counter() - self._t0  # after the sync: the steps' GPU work is done
         p.train_seconds += train_seconds
@@ -322,6 +340,8 @@ class Trainer:
             with self.phases("checkpoints"):
                 rundir.write_metrics(self.folder / "metrics.csv", self.rows)
         self._save("last.ckpt", ckpt)
+        if self.events is not None:
+            self.events.epoch(p.epoch, p.step, metrics, step_losses)
         like = train_ce if train_ce is not None else train_loss  # the gap compares cross-entropy with itself
         ce_text = f" (cross-entropy {train_ce:.4f})" if train_ce is not None else ""
         val_text = (f"  val_loss {val['loss']:.4f} (gap {val['loss'] - like:+.4f})  val_acc "
@@ -339,13 +359,15 @@ class Trainer:
     def _finish(self) -> RunResult:
         """The summary line, the resume or eval command, then the plots (after the result is printed)."""
         p, folder = self.progress, self.folder
+        if p.status == "running":
+            p.status = "finished"
+        if self.events is not None:  # hparams and the run's final metrics, in its own event file
+            self.events.finish(self._result(self.preempt.exit_code if p.status == "preempted" else 0))
         if p.status == "preempted":
             self.log(f"stopped by {signal.Signals(self.preempt.signum).name} at step {p.step} (epoch {p.epoch}); "
                      f"everything up to it is in {folder / 'last.ckpt'}. To go on:")
             self.log(f"  dlbase train --resume {rundir.quote(folder / 'last.ckpt')}")
             return self._result(self.preempt.exit_code)
-        if p.status == "running":
-            p.status = "finished"
         peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB"
                 if self.device.type == "cuda" else "")
         best = folder / "best.ckpt"
@@ -425,6 +447,26 @@ class Trainer:
                 f"training loss became non-finite in epoch {p.epoch + 1} (detected at step {p.step}, lr "
                 f"{self.schedule(max(0, p.step - 1)):.3g}); stopped without saving: {kept}; lower optim.lr or set "
                 f"train.grad_clip")
+
+    def _on_step(self, step: int, bar: "_Bar") -> None:
+        """After each step is launched (host only): the bar, and every log_every steps a device-to-device copy of
+        the epoch's running loss sum, read with the epoch's one sync (TensorBoard's training-loss points)."""
+        bar.on_step(step)
+        if (step + 1) % self.cfg.train.log_every == 0 and len(self._snap_steps) < self._snaps.shape[0]:
+            self._snaps[len(self._snap_steps)].copy_(self.engine.loss_sum)
+            self._snap_steps.append(step + 1)
+
+    def _step_losses(self, snaps: list[float], start_sum: float) -> list[tuple[int, float]]:
+        """(global step, mean training loss since the previous point) for this epoch's snapshots."""
+        first, done_before = self._snap_from
+        B, out = self.cfg.train.batch_size, []
+        prev_sum, prev_n = start_sum, min(done_before * B, self.n_used)
+        for step, total in zip(self._snap_steps, snaps):
+            n = min((step - first) * B, self.n_used)
+            if n > prev_n:
+                out.append((step, (total - prev_sum) / (n - prev_n)))
+            prev_sum, prev_n = total, n
+        return out
 
     _stop_agreed = False  # a stop request every rank has agreed on (one process: the local flag)
     _stop_calls = 0

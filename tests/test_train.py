@@ -22,8 +22,10 @@ def test_train_writes_run_folder(tiny_config, tmp_path):
     folder = tmp_path / "ckpt" / "tiny"
     assert result.folder == folder
     assert (folder / ".dlbase-run").exists()  # the claim that makes the folder this run's
-    assert {p.name for p in folder.iterdir() if p.name != ".dlbase-run"} == {"config.yaml", "metrics.csv", "last.ckpt", "best.ckpt",
-                                                  "curves.png", "gradnorms.png"}
+    assert any(p.name.startswith("events.out.tfevents.") for p in folder.iterdir())  # TensorBoard's
+    assert {p.name for p in folder.iterdir() if p.name != ".dlbase-run" and not p.name.startswith("events.out")} == {
+        "config.yaml", "metrics.csv", "last.ckpt", "best.ckpt",
+        "curves.png", "gradnorms.png"}
     assert load_config(folder / "config.yaml") == cfg
     rows = (folder / "metrics.csv").read_text().splitlines()
     assert rows[0].split(",") == ["epoch", "step", "train_loss", "val_loss", "val_accuracy", "lr", "seconds",
