@@ -162,3 +162,18 @@ def gradcheck(model: nn.Module, cfg: ModelConfig, x: torch.Tensor, y: torch.Tens
         rows.append({"layer": i + 1, "shape": f"{lin.in_features}->{lin.out_features}",
                      "grad_max": aw.abs().max().item(), "weight_rel_diff": rel(dw, aw), "bias_rel_diff": rel(db, ab)})
     return rows
+
+
+VANISHING_RATIO = 1e-3  # first layer's gradient norm below this fraction of the last layer's: warn
+
+
+def layer_norms(model: torch.nn.Module) -> dict[str, float]:
+    """Per Linear layer (1 = the first): the L2 norm of its weight gradient from the last step, and of its
+    weights. One host sync for all of them."""
+    layers = linears(model)
+    zero = torch.zeros((), device=layers[0].weight.device)
+    values = torch.stack([lin.weight.grad.norm() if lin.weight.grad is not None else zero for lin in layers]
+                         + [lin.weight.detach().norm() for lin in layers]).tolist()  # note: sync, per epoch
+    n = len(layers)
+    return {**{f"grad_norm_{i + 1}": values[i] for i in range(n)},
+            **{f"weight_norm_{i + 1}": values[n + i] for i in range(n)}}

@@ -129,6 +129,16 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
     write_atomic(path, buf.getvalue(), "metrics")
 
 
+def metrics_row(epoch: int, step: int, m: dict) -> dict:
+    """One row of metrics.csv from an epoch's metrics (numbers)."""
+    def f(key: str, fmt: str) -> str:
+        return format(m[key], fmt) if key in m else ""
+    return {"epoch": epoch, "step": step, "train_loss": f("train_loss", ".6f"), "val_loss": f("val_loss", ".6f"),
+            "val_accuracy": f("val_accuracy", ".6f"), "lr": f("lr", ".6g"), "seconds": f("seconds", ".3f"),
+            "train_seconds": f("train_seconds", ".4f"), **({"train_ce": f("train_ce", ".6f")} if "train_ce" in m else {}),
+            **{k: format(v, ".6g") for k, v in m.items() if k.startswith(("grad_norm_", "weight_norm_"))}}
+
+
 def read_metrics(path: Path, upto_epoch: Optional[int] = None) -> list[dict]:
     """The rows of metrics.csv with a whole-number epoch (up to upto_epoch); [] when there is none."""
     try:

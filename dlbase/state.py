@@ -3,15 +3,16 @@ rebuilding a model from a checkpoint alone (eval, export, sweeps)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from dlbase import checkpoint
-from dlbase.config import Config, config_from_dict
+from dlbase import checkpoint, rundir
+from dlbase.config import Config, config_from_dict, load_config
 from dlbase.data import Batcher
-from dlbase.errors import CheckpointError
+from dlbase.errors import CheckpointError, ConfigError
 from dlbase.model import MLP, build_model
 
 
@@ -114,3 +115,39 @@ def load_for_eval(path: Path, device: torch.device) -> tuple[Config, MLP, checkp
     model = build_model(cfg, tuple(payload["input_shape"]), device)
     load_model_state(model, payload["model"], path)
     return cfg, model, payload
+
+
+@dataclass
+class Invocation:
+    """What `dlbase train` was asked to do: the config, and the checkpoint (or run folder) to go on from."""
+    cfg: Config
+    resume: Optional[Path] = None  # the checkpoint file resumed from
+    payload: Optional[checkpoint.Payload] = None
+    folder: Optional[Path] = None  # a run folder to start over in (it holds no checkpoint yet)
+
+
+def configure(config: Optional[Path], sets: Sequence[str], resume: Optional[Path],
+              log: Callable[[str], None] = print) -> Invocation:
+    """The config (the file's, or the resumed checkpoint's own, with --set applied) and where to resume from.
+    A run folder means its newest readable checkpoint; a folder killed before its first checkpoint starts over
+    in place from its config.yaml (or --config)."""
+    if resume is None:
+        if config is None:
+            raise ConfigError("train: --config PATH is required (or --resume RUN_FOLDER); see dlbase train --help")
+        return Invocation(load_config(config, sets))
+    resume = Path(resume)
+    if resume.is_dir() and not any((resume / n).exists() for n in ("last.ckpt", "best.ckpt")):
+        stored = resume / "config.yaml"
+        if config is None and not stored.exists():
+            raise CheckpointError(f"{resume}: no checkpoint and no config.yaml to resume from; start a new run with "
+                                  f"dlbase train --config PATH (or --resume {rundir.quote(resume)} --config PATH "
+                                  f"to start it over in this folder)")
+        log(f"{resume}: no checkpoint yet; starting the run over in this folder from "
+            f"{config if config is not None else stored}")
+        return Invocation(load_config(config if config is not None else stored, sets), folder=resume)
+    if resume.is_dir():
+        resume, payload = checkpoint.newest(resume)
+    else:
+        payload = checkpoint.load(resume)
+    cfg = load_config(config, sets) if config is not None else stored_config(payload, resume, sets)
+    return Invocation(cfg, resume, payload)

@@ -3,62 +3,38 @@ epoch, finish. Its position is one small Progress object. The hot step (dlbase/e
 validation, logging and checkpoints happen at boundaries."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
 from dlbase import checkpoint, distributed, rundir
-from dlbase.config import Config, load_config, to_dict, to_yaml
+from dlbase.config import Config, to_dict, to_yaml
 from dlbase.data import Batcher, Dataset, load_dataset
 from dlbase.engine import Engine, plan_run, resolve_device, set_matmul_precision
-from dlbase.errors import CheckpointError, ConfigError, TrainingDiverged
+from dlbase.errors import CheckpointError, TrainingDiverged
 from dlbase.evaluate import evaluate
 from dlbase.loss import build_eval_loss, build_loss
 from dlbase.model import build_model, standardizes
 from dlbase.optim import build_optimizer, build_schedule
 from dlbase.phases import Phases
 from dlbase.preempt import Preemption
-from dlbase.state import Monitor, load_model_state, load_optimizer_state, restore_rng, rng_state, stored_config
+from dlbase.backprop import VANISHING_RATIO, layer_norms
+from dlbase.state import Monitor, load_model_state, load_optimizer_state, restore_rng, rng_state
 
 PLOTS = ("curves.png", "gradnorms.png")
-VANISHING_RATIO = 1e-3  # first layer's gradient norm below this fraction of the last layer's: warn
 
 
 def seed_everything(seed: int) -> None:
     """The one place global RNGs are seeded (weight init, dropout)."""
     random.seed(seed)
     torch.manual_seed(seed)  # seeds every CUDA device too
-
-
-def layer_norms(model: torch.nn.Module) -> dict[str, float]:
-    """Per Linear layer (1 = the first): the L2 norm of its weight gradient from the last step, and of its
-    weights. One host sync for all of them."""
-    from dlbase.backprop import linears
-    layers = linears(model)
-    zero = torch.zeros((), device=layers[0].weight.device)
-    values = torch.stack([lin.weight.grad.norm() if lin.weight.grad is not None else zero for lin in layers]
-                         + [lin.weight.detach().norm() for lin in layers]).tolist()  # note: sync, per epoch
-    n = len(layers)
-    return {**{f"grad_norm_{i + 1}": values[i] for i in range(n)},
-            **{f"weight_norm_{i + 1}": values[n + i] for i in range(n)}}
-
-
-def metrics_row(epoch: int, step: int, m: dict) -> dict:
-    """One row of metrics.csv from an epoch's metrics (numbers)."""
-    def f(key: str, fmt: str) -> str:
-        return format(m[key], fmt) if key in m else ""
-    return {"epoch": epoch, "step": step, "train_loss": f("train_loss", ".6f"), "val_loss": f("val_loss", ".6f"),
-            "val_accuracy": f("val_accuracy", ".6f"), "lr": f("lr", ".6g"), "seconds": f("seconds", ".3f"),
-            "train_seconds": f("train_seconds", ".4f"), **({"train_ce": f("train_ce", ".6f")} if "train_ce" in m else {}),
-            **{k: format(v, ".6g") for k, v in m.items() if k.startswith(("grad_norm_", "weight_norm_"))}}
 
 
 @dataclass
@@ -235,7 +211,7 @@ class Trainer:
                 self.rows = rundir.read_metrics(source / "metrics.csv", p.epoch)  # from its parent's history
                 saved = self.payload["metrics"]
                 if "lr" in saved and (not self.rows or int(self.rows[-1]["epoch"]) < self.payload["epoch"]):
-                    self.rows.append(metrics_row(self.payload["epoch"], self.payload["step"], saved))
+                    self.rows.append(rundir.metrics_row(self.payload["epoch"], self.payload["step"], saved))
                 self.log(f"resuming {self.folder} from {self.resume} (epoch {p.epoch}, step {p.step})")
             if p.step >= self.total_steps or self.monitor.should_stop:
                 return self._nothing_to_do()
@@ -331,7 +307,7 @@ class Trainer:
                    "lr": lr, "seconds": time.perf_counter() - self._t0, "train_seconds": train_seconds, **norms}
         improved = self.monitor.update(metrics, p.epoch)
         ckpt = self._payload(metrics)
-        self.rows.append(metrics_row(p.epoch, p.step, metrics))
+        self.rows.append(rundir.metrics_row(p.epoch, p.step, metrics))
         # best, then metrics, then last: a kill between them leaves last.ckpt at the previous epoch, and
         # resuming from the folder's newest checkpoint redoes or skips this epoch, rewriting what follows it
         if improved:
@@ -528,42 +504,6 @@ class _Bar:
 
 def _no_log(line: str) -> None:
     pass
-
-
-@dataclass
-class Invocation:
-    """What `dlbase train` was asked to do: the config, and the checkpoint (or run folder) to go on from."""
-    cfg: Config
-    resume: Optional[Path] = None  # the checkpoint file resumed from
-    payload: Optional[checkpoint.Payload] = None
-    folder: Optional[Path] = None  # a run folder to start over in (it holds no checkpoint yet)
-
-
-def configure(config: Optional[Path], sets: Sequence[str], resume: Optional[Path],
-              log: Callable[[str], None] = print) -> Invocation:
-    """The config (the file's, or the resumed checkpoint's own, with --set applied) and where to resume from.
-    A run folder means its newest readable checkpoint; a folder killed before its first checkpoint starts over
-    in place from its config.yaml (or --config)."""
-    if resume is None:
-        if config is None:
-            raise ConfigError("train: --config PATH is required (or --resume RUN_FOLDER); see dlbase train --help")
-        return Invocation(load_config(config, sets))
-    resume = Path(resume)
-    if resume.is_dir() and not any((resume / n).exists() for n in ("last.ckpt", "best.ckpt")):
-        stored = resume / "config.yaml"
-        if config is None and not stored.exists():
-            raise CheckpointError(f"{resume}: no checkpoint and no config.yaml to resume from; start a new run with "
-                                  f"dlbase train --config PATH (or --resume {rundir.quote(resume)} --config PATH "
-                                  f"to start it over in this folder)")
-        log(f"{resume}: no checkpoint yet; starting the run over in this folder from "
-            f"{config if config is not None else stored}")
-        return Invocation(load_config(config if config is not None else stored, sets), folder=resume)
-    if resume.is_dir():
-        resume, payload = checkpoint.newest(resume)
-    else:
-        payload = checkpoint.load(resume)
-    cfg = load_config(config, sets) if config is not None else stored_config(payload, resume, sets)
-    return Invocation(cfg, resume, payload)
 
 
 def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[checkpoint.Payload] = None,

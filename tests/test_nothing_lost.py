@@ -15,7 +15,8 @@ from dlbase import checkpoint, rundir
 from dlbase.config import load_config
 from dlbase.errors import CheckpointError, DlbaseError
 from dlbase.state import load_for_eval
-from dlbase.train import configure, train
+from dlbase.state import configure
+from dlbase.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -105,7 +105,6 @@ def test_kill_minus_9_never_leaves_a_broken_checkpoint(tmp_path, tiny_data):
     rng = random.Random(1234)
     kills = 0
     while kills < 10:
-        last = folder / "last.ckpt"
         # the run's folder, once it exists: its newest checkpoint, or (killed before one) a start over in place
         proc = dlbase("train", "--resume", folder, "--config", cfg) if folder.exists() else dlbase("train", "--config", cfg)
         wait_for_training(proc)
@@ -244,7 +243,7 @@ def test_killed_between_any_two_file_writes_resumes_from_the_folder(tiny_config,
     """Stop the process after each of its file writes in turn (and before the first), then
     `dlbase train --resume <folder>`: it always goes on from the newest readable checkpoint, says which, and
     ends bit-identical to the uninterrupted run."""
-    from dlbase.train import configure
+    from dlbase.state import configure
     sets = ["train.epochs=2", "checkpoint.every_steps=5", "model.dropout=0.2"]
     ref = train(load_config(tiny_config, sets + [f"checkpoint.dir={tmp_path / 'ref'}"]), log=lambda s: None)
     writes = 0
