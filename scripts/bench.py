@@ -17,10 +17,12 @@ epochs; s/epoch is their mean, with a device synchronisation before each clock r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import gzip
 import json
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -36,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from dlbase.config import load_config  # noqa: E402
 from dlbase.data import SPLIT_FILES, Batcher, find_split, load_dataset, locate  # noqa: E402
-from dlbase.engine import Engine, Plan, set_matmul_precision  # noqa: E402
+from dlbase.engine import Engine, Plan, reasons, set_matmul_precision  # noqa: E402
 from dlbase.loss import build_loss  # noqa: E402
 from dlbase.model import MLP  # noqa: E402
 from dlbase.optim import build_optimizer, build_schedule  # noqa: E402
@@ -153,6 +155,11 @@ def lightning_way(cfg, device, root: Path, batch_size: int, warmup: int, epochs:
 
 
 def dlbase_way(cfg, device, precision: str, compile_mode: str):
+    # what dlbase itself refuses on this device (graph or tf32 off CUDA) is a failed way, not a mislabelled number
+    bad = reasons(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision,
+                                                                     compile=compile_mode)), device)
+    if bad:
+        raise RuntimeError("; ".join(f"{key}: {why}" for key, why in bad))
     p = Plan(precision, compile_mode, torch.bfloat16 if precision == "bf16" else torch.float32)
     set_matmul_precision(p, device)
     torch.manual_seed(0)
@@ -193,6 +200,11 @@ def main() -> None:
     ways = args.ways or (["dataloader_w0", "dataloader_w4", "lightning", "dlbase_eager"]
                          + (["dlbase_graph_fp32", "dlbase_graph_tf32", "dlbase_graph_bf16"]
                             if device.type == "cuda" else ["dlbase_compile"]))
+    known = ["dataloader_w0", "dataloader_w4", "lightning", *DLBASE_MODES]
+    unknown = [w for w in ways if w not in known and not re.fullmatch(r"dataloader_w\d+", w)]
+    if unknown:
+        ap.error(f"--ways: unknown way(s) {', '.join(unknown)}; the ways are {', '.join(known)} "
+                 f"(dataloader_wN for N workers)")
     data_folder = locate(cfg.data.root, "mnist", download=False)
     n = cfg.data.subset or 60000
     rows, failed = [], []

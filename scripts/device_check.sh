@@ -9,8 +9,10 @@
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DLBASE_DATA=${DLBASE_DATA:-$PWD/.data/mnist}
 # byte-code caches somewhere writable: a read-only site-packages would otherwise be compiled on every start
-# (4 s of each command on the device machine), which no installed copy of dlbase and torch pays
-export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/dlbase-pycache}
+# (4 s of each command on the device machine), which no installed copy of dlbase and torch pays; the tiny mode
+# runs where the tests run and keeps that machine's own caches (a fresh prefix there is compiled on every start
+# when PYTHONDONTWRITEBYTECODE is set)
+[ "${DEVICE_CHECK_TINY:-0}" = 1 ] || export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/dlbase-pycache}
 OUT=${OUT:-/tmp/dlbase-device}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
@@ -32,16 +34,17 @@ step() {  # step NAME SECONDS COMMAND...: run one step with a time limit; stop (
 : > "$LOG"
 date -u | tee -a "$LOG"
 if [ "${DEVICE_CHECK_TINY:-0}" = 1 ]; then  # CPU, a few samples: proves every step still runs
-  DEV=(--device cpu); SETS=(--set device=cpu --set data.subset=400 --set data.val_size=100 --set train.epochs=1)
-  BENCH=(--samples 300 --warmup 0 --epochs 1 --ways dataloader_w0 dlbase_eager); SEEDS=1
+  DEV=(--device cpu); SETS=(--set device=cpu --set data.subset=400 --set data.val_size=100 --set train.epochs=1
+                           --set data.download=false)
+  BENCH=(--samples 300 --warmup 0 --epochs 1 --ways dataloader_w0 dlbase_eager); SEEDS=1; BATCHES=(128)
 else
-  DEV=(); SETS=(); BENCH=(--warmup 1 --epochs 2); SEEDS=5
+  DEV=(); SETS=(); BENCH=(--warmup 1 --epochs 2); SEEDS=5; BATCHES=(128 512)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$LOG"
 fi
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" | tee -a "$LOG"
 step "CUDA tests" 300 python3 -m pytest -q -m cuda tests/ -p no:cacheprovider -rfE
 step "speedrun" 200 python3 scripts/speedrun.py --seeds "$SEEDS" "${SETS[@]}" --json "$OUT/speedrun.json"
-for b in 128 512; do
+for b in "${BATCHES[@]}"; do
   step "bench $b" 150 python3 scripts/bench.py "${DEV[@]}" --batch-size $b "${BENCH[@]}" --json "$OUT/bench$b.json"
 done
 step "import profile" 60 bash -c 'python3 -X importtime -m dlbase --help 2> "$0/importtime.txt" >/dev/null' "$OUT"

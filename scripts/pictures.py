@@ -2,9 +2,11 @@
 docs/gradnorms_deep_relu.png, docs/confusion.png, docs/mistakes.png.
 
     python scripts/pictures.py            # about two minutes on a 2-core CPU
+    python scripts/pictures.py --out /tmp/pics --set data.subset=300 --set train.epochs=1   # a quick check
 """
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import tempfile
@@ -25,21 +27,27 @@ DOCS = REPO / "docs"
 
 
 def main() -> None:
-    DOCS.mkdir(exist_ok=True)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(DOCS), help="folder to write the PNG files into")
+    ap.add_argument("--set", dest="sets", action="append", default=[],
+                    help="override for every run (after the script's own, so it wins)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(REPO / "configs" / "mnist_mlp.yaml", [f"checkpoint.dir={tmp}"])
+        cfg = load_config(REPO / "configs" / "mnist_mlp.yaml", [f"checkpoint.dir={tmp}", *args.sets])
         run = train(cfg, log=print)
-        shutil.copy(run.folder / "curves.png", DOCS / "curves.png")
+        shutil.copy(run.folder / "curves.png", out / "curves.png")
         _, model, payload = load_for_eval(run.folder / "best.ckpt", torch.device("cpu"))
         test = load_dataset(cfg.data, cfg.seed, torch.device("cpu")).test
-        eval_report(model, test.x, test.y, (28, 28), DOCS, f"mnist_mlp, test split, epoch {payload['epoch']}")
+        eval_report(model, test.x, test.y, (28, 28), out, f"mnist_mlp, test split, epoch {payload['epoch']}")
         for act in ("sigmoid", "relu"):
             cfg = load_config(REPO / "configs" / "mnist_deep_sigmoid.yaml",
                               [f"checkpoint.dir={tmp}", f"model.activation={act}", f"name=deep_{act}",
-                               "train.epochs=5"])
+                               "train.epochs=5", *args.sets])
             run = train(cfg, log=print)
-            shutil.copy(run.folder / "gradnorms.png", DOCS / f"gradnorms_deep_{act}.png")
-    print("wrote", ", ".join(sorted(p.name for p in DOCS.glob("*.png"))))
+            shutil.copy(run.folder / "gradnorms.png", out / f"gradnorms_deep_{act}.png")
+    print("wrote", ", ".join(sorted(p.name for p in out.glob("*.png"))))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,10 @@ def main() -> None:
 
     paths = sorted((REPO / "configs").glob("mnist_*.yaml"))
     if args.only:
+        unknown = sorted(set(args.only) - {p.stem for p in paths})
+        if unknown:  # a misspelt name must not quietly leave its row out of the table
+            ap.error(f"--only: no config {', '.join(unknown)} in configs/; the configs are "
+                     f"{', '.join(p.stem for p in paths)}")
         paths = [p for p in paths if p.stem in args.only]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,193 @@
+"""Every script in scripts/ runs here on a tiny setting (600 synthetic training images, one epoch, the CPU) as a
+user runs it, a subprocess from the repo root, and its test fails when it fails (STYLE habit 13).
+
+Each test points DLBASE_DATA at conftest's tiny IDX files, sends every output into tmp_path and checks that the
+repo's docs/ and checkpoints/ are left as they were.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+# one epoch on 300 of the 600 tiny training images, 100 for validation, no network
+TINY_SETS = ["--set", "device=cpu", "--set", "data.subset=300", "--set", "data.val_size=100",
+             "--set", "train.epochs=1", "--set", "data.download=false"]
+CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("mnist_*.yaml"))  # what results.py runs by default
+
+
+def run(args: list[str], data: Path, tmp_path: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """Run a script from the repo root on the tiny data; temporary folders land in tmp_path too."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "DLBASE_DATA": str(data), "TMPDIR": str(tmp_path),
+                "PYTHONUNBUFFERED": "1",
+                # device_check.sh calls `python3`: make that this interpreter
+                "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""), **env}
+    return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def script(name: str, *args: object) -> list[str]:
+    return [sys.executable, str(REPO / "scripts" / name), *map(str, args)]
+
+
+def said(r: subprocess.CompletedProcess) -> str:
+    """What the script printed, for assertion messages."""
+    return f"exit {r.returncode}\n--- stdout\n{r.stdout[-6000:]}\n--- stderr\n{r.stderr[-6000:]}"
+
+
+def _snapshot() -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for d in ("docs", "checkpoints") if (REPO / d).is_dir()
+            for p in (REPO / d).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def repo_outputs_untouched():
+    """No script under test writes into the repo's docs/ or checkpoints/ (their defaults do)."""
+    before = _snapshot()
+    yield
+    assert _snapshot() == before, "a script wrote into the repo's docs/ or checkpoints/"
+
+
+# ----------------------------------------------------------------------------- bench.py
+
+
+def test_bench_tiny_every_way_asked_has_a_row(tiny_data, tmp_path):
+    # every CPU default way but dlbase_compile (torch.compile: ~25 s here); lightning only when installed
+    ways = ["dataloader_w0", "dataloader_w4", "lightning", "dlbase_eager"]
+    out = tmp_path / "bench.json"
+    r = run(script("bench.py", "--device", "cpu", "--samples", 300, "--warmup", 0, "--epochs", 1,
+                   "--json", out, "--ways", *ways), tiny_data, tmp_path)
+    assert r.returncode == 0, said(r)
+    result = json.loads(out.read_text())
+    expected = [w for w in ways if w != "lightning" or importlib.util.find_spec("lightning")]
+    assert [row["way"] for row in result["rows"]] == expected, said(r)
+    assert result["failed"] == []
+    assert "300 samples/epoch" in result["header"]
+    for row in result["rows"]:
+        assert row["s_per_epoch"] > 0 and row["samples_per_s"] > 0 and row["epochs_timed"] == 1
+        assert row["peak_mib"] is None  # no GPU memory on the CPU
+        assert f"| {row['way']} | " in r.stdout  # the markdown table has its line
+
+
+def test_bench_exits_nonzero_when_a_way_fails(tiny_data, tmp_path):
+    # CUDA graphs cannot run on the CPU: that way fails, the others' numbers still come out, the exit says so
+    out = tmp_path / "bench.json"
+    r = run(script("bench.py", "--device", "cpu", "--samples", 300, "--warmup", 0, "--epochs", 1,
+                   "--json", out, "--ways", "dlbase_eager", "dlbase_graph_fp32"), tiny_data, tmp_path)
+    assert r.returncode == 1, said(r)
+    result = json.loads(out.read_text())
+    assert [row["way"] for row in result["rows"]] == ["dlbase_eager"]
+    assert result["failed"] == ["dlbase_graph_fp32"]
+    assert "dlbase_graph_fp32: FAILED (RuntimeError: train.compile: graph captures CUDA graphs" in r.stdout
+    assert "bench: 1 way(s) FAILED: dlbase_graph_fp32" in r.stderr
+
+
+def test_bench_refuses_an_unknown_way_before_running_any(tiny_data, tmp_path):
+    out = tmp_path / "bench.json"
+    r = run(script("bench.py", "--device", "cpu", "--samples", 300, "--json", out,
+                   "--ways", "dlbase_eager", "dlbase_eagre"), tiny_data, tmp_path)
+    assert r.returncode == 2, said(r)
+    assert "unknown way(s) dlbase_eagre" in r.stderr and "dlbase_eager" in r.stderr
+    assert "s/epoch" not in r.stdout and not out.exists()
+
+
+# ----------------------------------------------------------------------------- speedrun.py
+
+
+def test_speedrun_tiny_one_row_per_seed(tiny_data, tmp_path):
+    out = tmp_path / "speedrun.json"
+    r = run(script("speedrun.py", "--seeds", 2, *TINY_SETS, "--json", out), tiny_data, tmp_path)
+    assert r.returncode == 0, said(r)
+    result = json.loads(out.read_text())
+    assert [row["seed"] for row in result["rows"]] == [0, 1] and result["seeds"] == 2
+    for row in result["rows"]:
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+        assert row["epochs"] == 1 and row["best_epoch"] == 1
+        assert 0 < row["train_seconds"] < row["command_seconds"]
+        assert row["phases"]["total"] > 0 and "compile none" in row["plan"]
+    assert 0.0 <= result["test_accuracy_mean"] <= 1.0
+    assert "over 2 seeds" in r.stdout
+
+
+def test_speedrun_exits_nonzero_when_training_fails(tiny_data, tmp_path):
+    r = run(script("speedrun.py", "--seeds", 1, *TINY_SETS, "--set", "train.epochs=0"), tiny_data, tmp_path)
+    assert r.returncode != 0, said(r)
+    assert "seed 0: dlbase train failed" in r.stderr and "train.epochs" in r.stderr
+
+
+# ----------------------------------------------------------------------------- results.py
+
+
+def test_results_tiny_one_row_per_config(tiny_data, tmp_path):
+    out, rows_json = tmp_path / "RESULTS.md", tmp_path / "results.json"
+    r = run(script("results.py", *TINY_SETS, "--out", out, "--json", rows_json), tiny_data, tmp_path)
+    assert r.returncode == 0, said(r)
+    table = [line for line in out.read_text().splitlines() if line.startswith("| `")]
+    assert [line.split("`")[1] for line in table] == [f"{c}.yaml" for c in CONFIGS]
+    rows = json.loads(rows_json.read_text())
+    assert [row["config"] for row in rows] == [f"{c}.yaml" for c in CONFIGS]
+    for row in rows:
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["epochs"] == 1 and row["device"] == "cpu"
+
+
+def test_results_refuses_an_unknown_config_name(tiny_data, tmp_path):
+    out = tmp_path / "RESULTS.md"
+    r = run(script("results.py", "--only", "mnist_mlp", "mnist_mpl", "--out", out), tiny_data, tmp_path)
+    assert r.returncode == 2, said(r)
+    assert "no config mnist_mpl" in r.stderr and "mnist_mlp" in r.stderr
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- pictures.py
+
+
+def test_pictures_tiny_writes_pngs_that_open(tiny_data, tmp_path):
+    from PIL import Image
+    out = tmp_path / "pics"
+    r = run(script("pictures.py", "--out", out, *TINY_SETS), tiny_data, tmp_path)
+    assert r.returncode == 0, said(r)
+    names = {"curves.png", "confusion.png", "mistakes.png", "gradnorms_deep_sigmoid.png", "gradnorms_deep_relu.png"}
+    assert {p.name for p in out.glob("*.png")} == names, said(r)
+    for name in names:
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.width > 100 and im.height > 100
+            im.verify()
+    assert r.stdout.rstrip().endswith("wrote " + ", ".join(sorted(names)))
+
+
+# ----------------------------------------------------------------------------- device_check.sh
+
+
+def test_device_check_tiny_passes_every_step(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    r = run(["bash", "scripts/device_check.sh"], tiny_data, tmp_path, DEVICE_CHECK_TINY="1", OUT=str(out))
+    assert r.returncode == 0, said(r)
+    assert r.stdout.rstrip().splitlines()[-1] == "device_check: all steps passed"
+    assert "FAILED" not in r.stdout
+    for step in ("CUDA tests", "speedrun", "bench 128", "import profile", "command profile"):
+        assert f"== {step}\n" in r.stdout
+    assert len(json.loads((out / "speedrun.json").read_text())["rows"]) == 1
+    assert [row["way"] for row in json.loads((out / "bench128.json").read_text())["rows"]] == \
+        ["dataloader_w0", "dlbase_eager"]
+    assert (out / "train.prof").stat().st_size > 0 and "cumulative" in (out / "train_profile.txt").read_text()
+    assert (out / "log.txt").read_text().rstrip().endswith("device_check: all steps passed")
+
+
+def test_device_check_stops_at_the_first_failing_step(tmp_path):
+    # no MNIST anywhere it looks (an empty DLBASE_DATA, an empty user cache): the speedrun's training fails
+    empty, out = tmp_path / "empty", tmp_path / "out"
+    empty.mkdir()
+    r = run(["bash", "scripts/device_check.sh"], empty, tmp_path, DEVICE_CHECK_TINY="1", OUT=str(out),
+            XDG_CACHE_HOME=str(tmp_path / "cache"))
+    assert r.returncode == 1, said(r)
+    failures = [line for line in r.stdout.splitlines() if line.startswith("device_check: FAILED")]
+    assert failures == ["device_check: FAILED at 'speedrun' (exit 1)"], said(r)
+    assert r.stdout.rstrip().splitlines()[-1] == failures[0]  # nothing ran after it
+    assert "== bench" not in r.stdout and "all steps passed" not in r.stdout
+    assert (out / "log.txt").read_text().rstrip().endswith(failures[0])
