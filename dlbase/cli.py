@@ -47,11 +47,12 @@ def train(
                                           "run's newest, the run branches into a new folder.", show_default=False),
 ) -> None:
     """Train a model; writes config.yaml, metrics.csv, last.ckpt, best.ckpt and plots into <checkpoint.dir>/<name>/."""
-    from dlbase import train as training
+    from dlbase.state import configure
+    from dlbase.train import train as run_training
 
-    run = training.configure(config, set_, resume)
+    run = configure(config, set_, resume)
     try:
-        result = training.train(run.cfg, resume=run.resume, resume_payload=run.payload, folder=run.folder)
+        result = run_training(run.cfg, resume=run.resume, resume_payload=run.payload, folder=run.folder)
     except KeyboardInterrupt:  # a second Ctrl-C, or one during start-up: every file on disk is whole
         typer.echo("interrupted: stopped at once; the files on disk are whole (atomic writes)", err=True)
         raise typer.Exit(130) from None
