@@ -177,3 +177,29 @@ def layer_norms(model: torch.nn.Module) -> dict[str, float]:
     n = len(layers)
     return {**{f"grad_norm_{i + 1}": values[i] for i in range(n)},
             **{f"weight_norm_{i + 1}": values[n + i] for i in range(n)}}
+
+
+def gradcheck_config(cfg, batch: int, tol: float, source: str = "config") -> tuple[list[str], bool]:
+    """`dlbase gradcheck`: the configured MLP in float64 on a batch of synthetic inputs in [0, 1] with random
+    labels; (the report's lines, whether every layer is within tol)."""
+    from dlbase.errors import DlbaseError
+    from dlbase.model import MLP
+    why = unsupported(cfg.model)
+    if why:
+        raise DlbaseError(f"{source}: {why}")
+    torch.manual_seed(cfg.seed)
+    model = MLP(cfg.model, in_features=784).double()
+    x = torch.rand(batch, 784, dtype=torch.float64)
+    y = torch.randint(0, 10, (batch,))
+    rows = gradcheck(model, cfg.model, x, y, cfg.train.loss, cfg.train.label_smoothing)
+    lines = [f"{cfg.model.activation} units, {cfg.model.output} outputs, {cfg.train.loss} loss, {len(rows)} layers, "
+             f"batch {batch}, float64",
+             f"{'layer':>5}  {'shape':>12}  {'max |dL/dW|':>12}  {'rel diff W':>11}  {'rel diff b':>11}"]
+    worst = 0.0
+    for r in rows:
+        lines.append(f"{r['layer']:>5}  {r['shape']:>12}  {r['grad_max']:>12.4e}  {r['weight_rel_diff']:>11.2e}  "
+                     f"{r['bias_rel_diff']:>11.2e}")
+        worst = max(worst, r["weight_rel_diff"], r["bias_rel_diff"])
+    ok = worst <= tol
+    lines.append(f"{'OK' if ok else 'FAIL'}: largest relative difference {worst:.2e} (tolerance {tol:.0e})")
+    return lines, ok

@@ -96,31 +96,11 @@ def gradcheck(
     Every weight and bias gradient of the configured MLP, on a batch of synthetic inputs in [0, 1] with
     random labels; one row per layer; exit 1 when any layer differs by more than --tol.
     """
-    import torch
-
-    from dlbase.backprop import gradcheck as check, unsupported
+    from dlbase.backprop import gradcheck_config
     from dlbase.config import load_config
-    from dlbase.model import MLP
 
-    cfg = load_config(config, set_)
-    why = unsupported(cfg.model)
-    if why:
-        raise DlbaseError(f"{config}: {why}")
-    torch.manual_seed(cfg.seed)
-    model = MLP(cfg.model, in_features=784).double()
-    x = torch.rand(batch, 784, dtype=torch.float64)
-    y = torch.randint(0, 10, (batch,))
-    rows = check(model, cfg.model, x, y, cfg.train.loss, cfg.train.label_smoothing)
-    typer.echo(f"{cfg.model.activation} units, {cfg.model.output} outputs, {cfg.train.loss} loss, "
-               f"{len(rows)} layers, batch {batch}, float64")
-    typer.echo(f"{'layer':>5}  {'shape':>12}  {'max |dL/dW|':>12}  {'rel diff W':>11}  {'rel diff b':>11}")
-    worst = 0.0
-    for r in rows:
-        typer.echo(f"{r['layer']:>5}  {r['shape']:>12}  {r['grad_max']:>12.4e}  {r['weight_rel_diff']:>11.2e}  "
-                   f"{r['bias_rel_diff']:>11.2e}")
-        worst = max(worst, r["weight_rel_diff"], r["bias_rel_diff"])
-    ok = worst <= tol
-    typer.echo(f"{'OK' if ok else 'FAIL'}: largest relative difference {worst:.2e} (tolerance {tol:.0e})")
+    lines, ok = gradcheck_config(load_config(config, set_), batch, tol, str(config))
+    typer.echo("\n".join(lines))
     if not ok:
         raise typer.Exit(1)
 
