@@ -76,7 +76,12 @@ class Trainer:
         self.resume, self.payload = resume, resume_payload
         self.rows: list[dict] = []  # metrics.csv
         self.folder: Optional[Path] = None
-        self._setup(folder, dataset)
+        try:
+            self._setup(folder, dataset)
+        except BaseException:  # a refusal, or Ctrl-C during start-up: give back a folder that holds nothing yet
+            if self.folder is not None:
+                rundir.remove_if_empty(self.folder)
+            raise
 
     # ------------------------------------------------------------------ set up
     def _setup(self, folder: Optional[Path], dataset: Optional[Dataset]) -> None:

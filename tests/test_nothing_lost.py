@@ -330,3 +330,18 @@ def test_fuzzed_command_lines_end_in_success_or_one_line(precious):
             assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, code, text)
         assert {k: v for k, v in snapshot(precious).items() if k in before} == before, argv
     check()
+
+
+def test_ctrl_c_during_start_up_leaves_no_empty_folder_and_claims_no_checkpoint(tiny_config, tmp_path, monkeypatch):
+    """Item 15: interrupted while the engine is being built (after the folder was claimed)."""
+    import dlbase.train as T
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, "Engine", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(tiny_config, ["train.epochs=1"]), log=quiet)
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+    monkeypatch.undo()
+    r = cli("train", "--config", tiny_config, "--set", "train.epochs=1")  # and the next run takes the name
+    assert r.returncode == 0 and (tmp_path / "ckpt" / "tiny" / "last.ckpt").exists()
