@@ -173,6 +173,34 @@ def predict(
         typer.echo(json.dumps(r) if as_json else f"{r['image']}: {r['label']}  ({100 * r['probability']:.1f}%)")
 
 
+@app.command()
+@user_errors
+def runs(
+    folder: Optional[Path] = typer.Argument(None, help="Folder to search for run folders, recursively (sweep "
+                                            "trials and folds too). Default: checkpoint.dir of the default "
+                                            "config (checkpoints).", show_default=False),
+    sort: Optional[str] = typer.Option(None, "--sort", help="Sort by a column (name, status, epochs, "
+                                       "best_val_accuracy, test_accuracy, train_seconds; accuracies best first) "
+                                       "or by a hyperparameter that differs (e.g. optim.lr).", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per run, one per line."),
+) -> None:
+    """List the runs under a folder: status (finished, early-stopped, preempted, diverged, unfinished, broken),
+    epochs, best validation accuracy, test accuracy (once dlbase eval measured it), training seconds, and the
+    hyperparameters that differ between them."""
+    from dlbase.runs import as_json as run_json, list_runs, table
+    from dlbase.schema import CheckpointConfig
+
+    root = folder if folder is not None else Path(CheckpointConfig().dir)
+    found, keys = list_runs(root, sort)
+    if not found:
+        typer.echo(f"no runs under {root}")
+    elif as_json:
+        for r in found:
+            typer.echo(json.dumps(run_json(r, keys)))
+    else:
+        typer.echo(table(found, keys))
+
+
 @config_app.command("show")
 @user_errors
 def config_show(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -67,8 +68,46 @@ def evaluate_checkpoint(ckpt: Path, split: str = "test", data_root: Optional[Pat
         cm = confusion(predictions(model, part.x).cpu(), part.y.cpu())
         details = {"per_class": (cm.diag().double() / cm.sum(1).clamp_min(1).double()).tolist(),
                    "confusion": cm.tolist()}
+    record_eval(Path(ckpt), cfg.train.tensorboard, payload, split, result, report)
     return {"checkpoint": str(ckpt), "split": split, "n": result["n"], "accuracy": result["accuracy"],
             "loss": result["loss"], "epoch": int(payload["epoch"]), "dataset": cfg.data.dataset, **details}
+
+
+EVAL_FILE = "eval.json"  # in the run folder: per checkpoint name, its last evaluation on each split
+
+
+def record_eval(ckpt: Path, tensorboard: bool, payload: dict, split: str, result: dict,
+                report: Optional[Path]) -> None:
+    """Keep the evaluation with its run, for `dlbase runs` (eval.json) and TensorBoard (the test accuracy as the
+    HParams metric, the report's PNGs as images). Only in a run folder; a folder we cannot write to (a checkpoint
+    on read-only media) is left as it is: the result is still printed."""
+    from dlbase import rundir
+    from dlbase.errors import CheckpointError
+    from dlbase.tblog import write_eval
+
+    folder = ckpt.parent
+    if not rundir.has_run(folder):
+        return
+    path = folder / EVAL_FILE
+    try:
+        old = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        old = {}
+    record = old if isinstance(old, dict) else {}
+    entry = record.get(ckpt.name) if isinstance(record.get(ckpt.name), dict) else {}
+    entry[split] = {"accuracy": result["accuracy"], "loss": result["loss"], "n": result["n"],
+                    "epoch": int(payload["epoch"]), "step": int(payload["step"])}
+    record[ckpt.name] = entry
+    images = {}
+    if report is not None:
+        images = {f"eval/{split}_{name[:-4]}": (Path(report) / name).read_bytes()
+                  for name in ("confusion.png", "mistakes.png") if (Path(report) / name).is_file()}
+    try:
+        rundir.write_atomic(path, json.dumps(record, indent=1), "eval.json")
+        if tensorboard:
+            write_eval(folder, int(payload["step"]), result["accuracy"] if split == "test" else None, images)
+    except (CheckpointError, OSError):
+        pass
 
 
 def format_result(r: dict, report: Optional[Path] = None) -> str:

@@ -3,6 +3,7 @@ epoch, finish. Its position is one small Progress object. The hot step (dlbase/e
 validation, logging and checkpoints happen at boundaries."""
 from __future__ import annotations
 
+import json
 import math
 import random
 import signal
@@ -229,9 +230,13 @@ class Trainer:
             if warmed:
                 self.log(f"start-up: CUDA kernels loaded on a throwaway copy in {self.engine.prewarm_seconds:.2f}s")
             with Preemption() as self.preempt:
-                while p.step < self.total_steps and p.status == "running":
-                    if self._train_epoch():
-                        self._end_epoch()
+                try:
+                    while p.step < self.total_steps and p.status == "running":
+                        if self._train_epoch():
+                            self._end_epoch()
+                except TrainingDiverged:
+                    self._mark("diverged")
+                    raise
             return self._finish()
         finally:
             if self.events is not None:
@@ -342,6 +347,7 @@ class Trainer:
         p, folder = self.progress, self.folder
         if p.status == "running":
             p.status = "finished"
+        self._mark(p.status)
         if self.events is not None:  # hparams and the run's final metrics, in its own event file
             self.events.finish(self._result(self.preempt.exit_code if p.status == "preempted" else 0))
         if p.status == "preempted":
@@ -412,6 +418,13 @@ class Trainer:
             loss_sum, ce_sum = total.tolist()  # note: sync, at a checkpoint
             out["in_epoch"] = {"batch": p.batch, "loss_sum": loss_sum, "ce_sum": ce_sum}
         return out
+
+    def _mark(self, status: str) -> None:
+        """status.json: how this process left the run (finished, early_stopped, preempted, diverged) and at which
+        step, for `dlbase runs`; a later process that resumes the run writes its own."""
+        if self.group.main:
+            rundir.write_atomic(self.folder / "status.json", json.dumps({"status": status, "step": self.progress.step}),
+                                "status")
 
     def _save(self, name: str, payload: checkpoint.Payload) -> None:
         if self.group.main:
