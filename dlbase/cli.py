@@ -226,6 +226,29 @@ def config_validate(
     typer.echo(f"{config}: valid")
 
 
+@config_app.command("schema")
+@user_errors
+def config_schema(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write it to this file (atomically) instead of "
+                                       "printing it, e.g. configs/dlbase.schema.json.", show_default=False),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+) -> None:
+    """Print the JSON Schema (draft-07) of a config file, for editors: every key with its type, range, choices,
+    default and help. A YAML file whose first line is `# yaml-language-server: $schema=PATH` gets completion and
+    checks in VS Code's YAML extension."""
+    from dlbase.rundir import write_atomic
+    from dlbase.schema import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if out is not None and out.exists() and not force:
+        raise DlbaseError(f"--out {out}: already exists; add --force to replace it")
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        write_atomic(out, text, "schema")
+        typer.echo(str(out))
+
+
 def main(fast_exit: bool = True) -> None:
     """The console script: command-line mistakes (an unknown option or command, a missing argument, a value out
     of range) are one line on stderr and exit status 2, like every other mistake of the user's."""

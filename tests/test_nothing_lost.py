@@ -295,7 +295,8 @@ def _argv(precious: Path):
                              "train.epochs=abc", "optim.lr=-1", "model.hidden=[0]", "x=1", "test", "val", "onnx",
                              "torchscript", "0", "-1", "nan", "1e309", "\x00", "é", "--help"])
     commands = st.sampled_from([["train"], ["eval"], ["export"], ["predict"], ["plot"], ["sweep"], ["gradcheck"],
-                                ["config", "show"], ["config", "validate"], ["config"], ["nosuch"], []])
+                                ["config", "show"], ["config", "validate"], ["config", "schema"], ["runs"], ["config"],
+                                ["nosuch"], []])
     return st.tuples(commands, st.lists(st.one_of(paths, words), max_size=6)).map(lambda t: [*t[0], *t[1]])
 
 
