@@ -380,6 +380,9 @@ class Sweep:
                    "test_accuracy": test["accuracy"], "test_loss": test["loss"], "checkpoint": str(ckpt),
                    "results": str(root / "results.csv"), "best_yaml": str(root / "best.yaml")}
         rundir.write_atomic(root / "winner.json", json.dumps(summary, indent=2), "winner.json")
+        if cfg.train.tensorboard:  # the winner's HParams row gets its test accuracy, as `dlbase eval` gives a run's
+            from dlbase.tblog import write_eval
+            write_eval(ckpt.parent, int(payload["step"]), test["accuracy"], {})
 
         self.log("")
         self.log(" ".join(f"{h:>12}" for h in self.fields()))

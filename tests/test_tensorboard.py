@@ -233,3 +233,18 @@ def test_a_real_tensorboard_server_shows_the_runs_and_one_hparams_table(tiny_con
             proc.kill()
             proc.wait()
     assert proc.returncode is not None
+
+
+def test_a_sweep_winner_s_test_accuracy_reaches_its_hparams_row(tiny_config, tmp_path):
+    """Issue 12: the sweep's one test measurement shows in TensorBoard beside the winner's hyperparameters."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    from dlbase.sweep import load_sweep, run_sweep
+    base_raw, spec, source = load_sweep(tiny_config, None, ["optim.lr=[0.01,0.001]"], ["train.epochs=1"])
+    summary = run_sweep(base_raw, spec, source, ["train.epochs=1"], log=lambda s: None)
+    folder = Path(summary["checkpoint"]).parent
+    mux = EventMultiplexer().AddRunsFromDirectory(str(folder))
+    mux.Reload()
+    values = [e.value for run in mux.Runs() for tag in mux.Runs()[run].get("scalars", [])
+              if tag == "hparams/test_accuracy" for e in mux.Scalars(run, tag)]
+    assert values and values[-1] == pytest.approx(summary["test_accuracy"], abs=1e-6)
