@@ -1,5 +1,6 @@
 import csv
 import dataclasses
+import json
 import math
 
 import pytest
@@ -25,7 +26,8 @@ def test_train_writes_run_folder(tiny_config, tmp_path):
     assert any(p.name.startswith("events.out.tfevents.") for p in folder.iterdir())  # TensorBoard's
     assert {p.name for p in folder.iterdir() if p.name != ".dlbase-run" and not p.name.startswith("events.out")} == {
         "config.yaml", "metrics.csv", "last.ckpt", "best.ckpt",
-        "curves.png", "gradnorms.png"}
+        "curves.png", "gradnorms.png", "status.json"}
+    assert json.loads((folder / "status.json").read_text()) == {"status": "finished", "step": 30}
     assert load_config(folder / "config.yaml") == cfg
     rows = (folder / "metrics.csv").read_text().splitlines()
     assert rows[0].split(",") == ["epoch", "step", "train_loss", "val_loss", "val_accuracy", "lr", "seconds",
