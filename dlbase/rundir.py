@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import shlex
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from dlbase.errors import CheckpointError
 
@@ -137,6 +138,15 @@ def metrics_row(epoch: int, step: int, m: dict) -> dict:
             "val_accuracy": f("val_accuracy", ".6f"), "lr": f("lr", ".6g"), "seconds": f("seconds", ".3f"),
             "train_seconds": f("train_seconds", ".4f"), **({"train_ce": f("train_ce", ".6f")} if "train_ce" in m else {}),
             **{k: format(v, ".6g") for k, v in m.items() if k.startswith(("grad_norm_", "weight_norm_"))}}
+
+
+def number(text: Any) -> Optional[float]:
+    """A metrics.csv (or JSON) cell as a finite float, or None (empty, text, nan, inf)."""
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
 
 
 def read_metrics(path: Path, upto_epoch: Optional[int] = None) -> list[dict]:

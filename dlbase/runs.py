@@ -3,7 +3,6 @@ hyperparameters that set it apart from the others. Read from the run's files onl
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,8 +57,8 @@ def read_run(folder: Path, root: Path, winners: dict[Path, float]) -> Run:
 
 def _read(folder: Path, name: str, winners: dict[Path, float]) -> Run:
     rows = rundir.read_metrics(folder / "metrics.csv")
-    accs = [a for a in (_num(r.get("val_accuracy")) for r in rows) if a is not None]
-    seconds = [s for s in (_num(r.get("train_seconds")) for r in rows) if s is not None]
+    accs = [a for a in (rundir.number(r.get("val_accuracy")) for r in rows) if a is not None]
+    seconds = [s for s in (rundir.number(r.get("train_seconds")) for r in rows) if s is not None]
     run = Run(name, "unfinished", best_val_accuracy=max(accs) if accs else None,
               train_seconds=round(sum(seconds), 3) if seconds else None)
     payload, problems = None, []
@@ -124,7 +123,7 @@ def _test_accuracy(folder: Path, winners: dict[Path, float]) -> Optional[float]:
     record = _json(folder / "eval.json")
     if isinstance(record, dict):
         for name in ("best.ckpt", "last.ckpt", *sorted(record)):
-            acc = _num(((record.get(name) or {}).get("test") or {}).get("accuracy")
+            acc = rundir.number(((record.get(name) or {}).get("test") or {}).get("accuracy")
                        if isinstance(record.get(name), dict) else None)
             if acc is not None:
                 return acc
@@ -136,7 +135,7 @@ def _sweep_winners(runs: list[Path]) -> dict[Path, float]:
     out = {}
     for parent in {p.parent for p in runs} | {p.parent.parent for p in runs}:
         w = _json(parent / WINNER_FILE)
-        if isinstance(w, dict) and isinstance(w.get("checkpoint"), str) and _num(w.get("test_accuracy")) is not None:
+        if isinstance(w, dict) and isinstance(w.get("checkpoint"), str) and rundir.number(w.get("test_accuracy")) is not None:
             out[Path(w["checkpoint"]).parent.resolve()] = float(w["test_accuracy"])
     return out
 
@@ -214,13 +213,6 @@ def _cell(v: Any) -> str:
 def _pct(v: Optional[float]) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
-
-def _num(text: Any) -> Optional[float]:
-    try:
-        v = float(text)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def _json(path: Path) -> Any:

@@ -5,7 +5,6 @@ tensorboard package a run goes on without event files."""
 from __future__ import annotations
 
 import json
-import math
 import struct
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -120,23 +119,16 @@ def final_metrics(folder: Path) -> dict[str, float]:
     """best_val_accuracy, final_train_loss, final_val_loss of a run folder's metrics.csv (those it has)."""
     rows = rundir.read_metrics(folder / "metrics.csv")
     out: dict[str, float] = {}
-    accs = [a for a in (_num(r.get("val_accuracy")) for r in rows) if a is not None]
+    accs = [a for a in (rundir.number(r.get("val_accuracy")) for r in rows) if a is not None]
     if accs:
         out["best_val_accuracy"] = max(accs)
     if rows:
         for key, col in (("final_train_loss", "train_loss"), ("final_val_loss", "val_loss")):
-            v = _num(rows[-1].get(col))
+            v = rundir.number(rows[-1].get(col))
             if v is not None:
                 out[key] = v
     return out
 
-
-def _num(text: Any) -> Optional[float]:
-    try:
-        v = float(text)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def open_events(folder: Path, cfg: Config, start_step: int, log: Callable[[str], None]) -> Optional[EventLog]:
