@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
 import struct
 from pathlib import Path
 
@@ -77,3 +78,29 @@ def mnist_root() -> Path:
     if root is None:
         pytest.skip("real MNIST not found: set DLBASE_DATA to the folder with the four IDX files")
     return root
+
+
+class StopAt:
+    """Stands in for dlbase.preempt.Preemption: a stop request once `after` steps have been asked about (the real
+    stop path, no signal needed). monkeypatch dlbase.train.Preemption with StopAt(n)."""
+
+    def __init__(self, after: int):
+        self.after, self.calls, self.signum = after, 0, None
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    @property
+    def requested(self) -> bool:
+        self.calls += 1
+        if self.calls > self.after:
+            self.signum = signal.SIGTERM
+        return self.signum is not None
+
+    exit_code = 143

@@ -2,12 +2,12 @@
 right status and only the hyperparameters that differ."""
 import json
 import shutil
-import signal
 
 import pytest
 from typer.testing import CliRunner
 
-from dlbase import checkpoint, train as train_module
+from conftest import StopAt
+from dlbase import train as train_module
 from dlbase.cli import app
 from dlbase.config import load_config
 from dlbase.errors import TrainingDiverged
@@ -20,31 +20,6 @@ runner = CliRunner()
 
 def quiet(line: str) -> None:
     pass
-
-
-class StopAt:
-    """Preemption stand-in: a stop request before step `after` + 1 (the real stop path, no signal needed)."""
-
-    def __init__(self, after: int):
-        self.after, self.calls, self.signum = after, 0, None
-
-    def __call__(self):
-        return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    @property
-    def requested(self) -> bool:
-        self.calls += 1
-        if self.calls > self.after:
-            self.signum = signal.SIGTERM
-        return self.signum is not None
-
-    exit_code = 143
 
 
 def listed(*args) -> dict:

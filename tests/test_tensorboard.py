@@ -2,7 +2,6 @@
 the scalars' steps against metrics.csv and an uninterrupted run, the HParams table, eval's test accuracy."""
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata as hp_metadata  # noqa: E402
 from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
 
+from conftest import StopAt
 from dlbase import checkpoint, train as train_module  # noqa: E402
 from dlbase.config import load_config  # noqa: E402
 from dlbase.evaluate import evaluate_checkpoint  # noqa: E402
@@ -71,33 +71,6 @@ def test_scalars_match_metrics_csv_and_hparams_are_in_the_run_s_own_file(tiny_co
 def test_off_switch_writes_no_event_file(tiny_config):
     run = train(load_config(tiny_config, ["train.tensorboard=false", "train.epochs=1"]), log=quiet)
     assert not list(run.folder.glob("events.out.tfevents.*"))
-
-
-class StopAt:
-    """Preemption stand-in: a stop request once `after` steps have been asked about (the real stop path)."""
-
-    def __init__(self, after: int):
-        self.after, self.calls, self.signum = after, 0, None
-
-    def __call__(self):
-        return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    @property
-    def requested(self) -> bool:
-        self.calls += 1
-        if self.calls > self.after:
-            self.signum = signal.SIGTERM
-        return self.signum is not None
-
-    @property
-    def exit_code(self) -> int:
-        return 143
 
 
 def assert_no_zigzag(ea: EventAccumulator, ref: EventAccumulator) -> None:
