@@ -121,20 +121,38 @@ def plot(run_dir: Path = typer.Argument(..., help="A run folder (<checkpoint.dir
 def sweep(
     config: Path = typer.Option(..., "--config", "-c", help="The base config every trial starts from (may hold a "
                                 "sweep: section).", show_default=False),
-    sweep_file: Optional[Path] = typer.Option(None, "--sweep", help="Sweep spec YAML: method (grid|random), "
-                                              "trials, seed, params, metric, mode, cv_folds.", show_default=False),
+    sweep_file: Optional[Path] = typer.Option(None, "--sweep", help="Sweep spec YAML: method (grid|random|tpe), "
+                                              "trials, seed, params, metric, mode, cv_folds, pruner, storage.",
+                                              show_default=False),
     grid: List[str] = typer.Option([], "--grid", "-g", help="A quick grid axis: --grid optim.lr=[0.1,0.01]; "
                                    "repeat for more (the product is run).", show_default=False),
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP + " Applies to every trial.",
                                    show_default=False),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, max=256, help="Worker processes on this machine, "
+                                "each taking trials from the study."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="The study's database: an Optuna storage URL "
+                                          "(sqlite:///study.db, postgresql://user@host/db) or a journal file "
+                                          "(study.log). The same command with the same URL on several machines "
+                                          "joins one study. Default: study.db in the sweep folder.",
+                                          show_default=False),
+    worker: Optional[int] = typer.Option(None, "--worker", hidden=True, help="Internal: this process is worker "
+                                         "N of a --workers sweep."),
 ) -> None:
-    """Run a hyperparameter search, choosing on validation data only; rerun the same command to resume it.
-    Writes <checkpoint.dir>/<sweep name>/: trial-NNN/ run folders, results.csv, best.yaml, winner.json."""
+    """Run a hyperparameter search on Optuna, choosing on validation data only; rerun the same command to resume
+    it. Writes <checkpoint.dir>/<sweep name>/: study.db, trial-NNN/ run folders, results.csv, best.yaml,
+    winner.json."""
     from dlbase.sweep import load_sweep, run_sweep
 
+    if worker is not None and os.environ.get("DLBASE_THREADS"):
+        import torch
+        torch.set_num_threads(int(os.environ["DLBASE_THREADS"]))
     base_raw, spec, source = load_sweep(config, sweep_file, grid, set_)
+    argv = ["--config", str(config), *(["--sweep", str(sweep_file)] if sweep_file else []),
+            *(a for g in grid for a in ("--grid", g)), *(a for t in set_ for a in ("--set", t)),
+            *(["--storage", storage] if storage else [])]
     try:
-        run_sweep(base_raw, spec, source, set_, log=typer.echo)
+        run_sweep(base_raw, spec, source, set_, log=typer.echo, storage=storage, workers=workers,
+                  worker_argv=argv, worker=worker)
     except KeyboardInterrupt:  # a second Ctrl-C: finished trials and checkpoints on disk are whole
         typer.echo("interrupted: stopped at once; rerun the same command to resume the sweep", err=True)
         raise typer.Exit(130) from None

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from dlbase import checkpoint, rundir
 from dlbase.errors import CheckpointError, DlbaseError
 
-STATUSES = ("finished", "early-stopped", "preempted", "diverged", "unfinished", "broken")
+STATUSES = ("finished", "early-stopped", "pruned", "preempted", "diverged", "unfinished", "broken")
 STATUS_FILE = "status.json"  # written by train.py when a run ends: {"status": ..., "step": N} (see the note below)
 RESULT_FILE = "result.json"  # a sweep trial's row (dlbase/sweep.py): "diverged" lives there
 WINNER_FILE = "winner.json"  # a sweep's test of its winner (dlbase/sweep.py)
@@ -82,7 +82,7 @@ def _read(folder: Path, name: str, winners: dict[Path, float]) -> Run:
     elif rows:
         run.epochs = int(rows[-1]["epoch"])
     marker = _json(folder / STATUS_FILE)
-    if isinstance(marker, dict) and marker.get("status") in ("preempted", "diverged", "finished", "early_stopped") \
+    if isinstance(marker, dict) and marker.get("status") in ("preempted", "diverged", "finished", "early_stopped", "pruned") \
             and (run.step is None or marker.get("step") in (None, run.step)):  # a marker of this position only
         run.status = str(marker["status"]).replace("_", "-")
     if _diverged_in_sweep(folder):

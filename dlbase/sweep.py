@@ -7,6 +7,7 @@ rundir.write_atomic.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import io
@@ -28,21 +29,27 @@ from dlbase.config import Config, config_from_dict, parse_yaml, read_config_file
 from dlbase.errors import ConfigError, DlbaseError, TrainingDiverged
 
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
-SWEEP_KEYS = ("name", "method", "trials", "seed", "params", "metric", "mode", "cv_folds")
+SWEEP_KEYS = ("name", "method", "trials", "seed", "params", "metric", "mode", "cv_folds", "pruner", "prune_after",
+              "storage", "heartbeat", "retries")
 NAME_RULE = {f.name: f.metadata for f in dataclasses.fields(Config)}["name"]  # a sweep is named like a run
 
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """A search space and how to score it."""
+    """A search space, how to search it and how to score it."""
     name: str
-    method: str = "grid"  # grid | random
-    trials: int = 10  # random: how many
-    seed: int = 0  # random: the sampler's seed
+    method: str = "grid"  # grid | random | tpe (default tpe when a param is a distribution, else grid)
+    trials: int = 10  # random, tpe: how many
+    seed: int = 0  # random, tpe: the samplers' seed
     params: dict = field(default_factory=dict)  # dotted key -> list of values, or a distribution mapping
     metric: str = "val_accuracy"  # val_accuracy | val_loss
     mode: str = "max"  # max | min
     cv_folds: Optional[int] = None  # k-fold cross-validation on the training set
+    pruner: str = "none"  # none | median | hyperband (default median for random and tpe, none for grid)
+    prune_after: int = 3  # median: trials that must finish before any is pruned
+    storage: Optional[str] = None  # the study's database URL or journal file; None: <sweep folder>/study.db
+    heartbeat: int = 30  # seconds between a running trial's beats; 3 missed beats and it is retried elsewhere
+    retries: int = 3  # how often a trial whose worker died (or was stopped) is retried
 
 
 def _fail(source: str, key: str, msg: str) -> ConfigError:
@@ -51,14 +58,21 @@ def _fail(source: str, key: str, msg: str) -> ConfigError:
 
 def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
     """Check a sweep mapping (from --sweep, a `sweep:` section, or --grid) into a SweepSpec."""
+    from dlbase.study import METHODS, PRUNERS, encode
+
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a sweep must be a mapping with params:, method:, metric:, ...")
     for k in raw:
         if k not in SWEEP_KEYS:
             raise _fail(source, f"sweep.{k}", f"unknown key; allowed: {', '.join(SWEEP_KEYS)}")
-    method = raw.get("method", "grid")
-    if method not in ("grid", "random"):
-        raise _fail(source, "sweep.method", f"{method!r} is not one of grid, random")
+    params = raw.get("params")
+    if not isinstance(params, dict) or not params:
+        raise _fail(source, "sweep.params", "needs at least one dotted key with a list of values or a distribution, "
+                                            "e.g. optim.lr: [0.1, 0.01]")
+    has_dist = any(isinstance(v, dict) for v in params.values())
+    method = raw.get("method", "tpe" if has_dist else "grid")
+    if method not in METHODS:
+        raise _fail(source, "sweep.method", f"{method!r} is not one of {', '.join(METHODS)}")
     metric = raw.get("metric", "val_accuracy")
     if metric not in ("val_accuracy", "val_loss"):
         raise _fail(source, "sweep.metric", f"{metric!r} is not one of val_accuracy, val_loss (selection never "
@@ -66,30 +80,38 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
     mode = raw.get("mode", "max" if metric == "val_accuracy" else "min")
     if mode not in ("max", "min"):
         raise _fail(source, "sweep.mode", f"{mode!r} is not one of max, min")
+    pruner = raw.get("pruner", "none" if method == "grid" else "median")
+    if pruner is None or pruner is False:
+        pruner = "none"
+    if pruner not in PRUNERS:
+        raise _fail(source, "sweep.pruner", f"{pruner!r} is not one of {', '.join(PRUNERS)}")
     ints = {}
-    for key, lo, default in (("trials", 1, 10), ("seed", 0, 0), ("cv_folds", 2, None)):
+    for key, lo, default in (("trials", 1, 10), ("seed", 0, 0), ("cv_folds", 2, None), ("prune_after", 0, 3),
+                             ("heartbeat", 1, 30), ("retries", 0, 3)):
         v = raw.get(key, default)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo or v > 10**6):
             raise _fail(source, f"sweep.{key}", f"{v!r} is not an integer >= {lo}")
         ints[key] = v
-    params = raw.get("params")
-    if not isinstance(params, dict) or not params:
-        raise _fail(source, "sweep.params", "needs at least one dotted key with a list of values or a distribution, "
-                                            "e.g. optim.lr: [0.1, 0.01]")
+    storage = raw.get("storage")
+    if storage is not None and (not isinstance(storage, str) or not storage.strip()):
+        raise _fail(source, "sweep.storage", f"{storage!r} is not a database URL (sqlite:///study.db, "
+                                             f"postgresql://user@host/db) or a journal file path (study.log)")
     for key, space in params.items():
         where = f"sweep.params.{key}"
         if isinstance(space, list):
             if not space:
                 raise _fail(source, where, "an empty list: give at least one value")
+            _distinct(source, where, space, encode)
         elif isinstance(space, dict):
             dist = space.get("distribution")
             if dist not in DISTRIBUTIONS:
                 raise _fail(source, where, f"distribution {dist!r} is not one of {', '.join(DISTRIBUTIONS)}")
             if method == "grid":
-                raise _fail(source, where, "a distribution needs method: random (grid takes lists)")
+                raise _fail(source, where, "a distribution needs method: tpe or random (grid takes lists)")
             if dist == "choice":
                 if not isinstance(space.get("values"), list) or not space["values"]:
                     raise _fail(source, where, "choice needs values: [a non-empty list]")
+                _distinct(source, where, space["values"], encode)
             else:
                 lo, hi = space.get("low"), space.get("high")
                 if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (lo, hi)):
@@ -107,7 +129,15 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
     if not isinstance(name, str) or not re.fullmatch(NAME_RULE["pattern"], name):  # it names a folder
         raise _fail(source, "sweep.name", f"{name!r} is not allowed; expected {NAME_RULE['allowed']}")
     return SweepSpec(name=name, method=method, trials=ints["trials"], seed=ints["seed"], params=params,
-                     metric=metric, mode=mode, cv_folds=ints["cv_folds"])
+                     metric=metric, mode=mode, cv_folds=ints["cv_folds"], pruner=pruner,
+                     prune_after=ints["prune_after"], storage=storage, heartbeat=ints["heartbeat"],
+                     retries=ints["retries"])
+
+
+def _distinct(source: str, where: str, values: list, encode: Callable) -> None:
+    seen = [encode(v) for v in values]
+    if len(set(map(json.dumps, seen))) < len(seen):
+        raise _fail(source, where, f"{values!r} repeats a value (a list and its JSON text count as one)")
 
 
 def parse_grid_option(text: str) -> tuple[str, list]:
@@ -122,28 +152,10 @@ def parse_grid_option(text: str) -> tuple[str, list]:
 
 
 def sample(spec: SweepSpec) -> list[dict]:
-    """The trials: the full product (grid) or `trials` seeded draws (random)."""
-    keys = list(spec.params)
-    if spec.method == "grid":
-        return [dict(zip(keys, combo)) for combo in itertools.product(*(spec.params[k] for k in keys))]
-    rng = random.Random(spec.seed)
-    out = []
-    for _ in range(spec.trials):
-        trial = {}
-        for k in keys:
-            space = spec.params[k]
-            if isinstance(space, list):
-                trial[k] = rng.choice(space)
-            elif space["distribution"] == "choice":
-                trial[k] = rng.choice(space["values"])
-            elif space["distribution"] == "uniform":
-                trial[k] = rng.uniform(space["low"], space["high"])
-            elif space["distribution"] == "log_uniform":
-                trial[k] = math.exp(rng.uniform(math.log(space["low"]), math.log(space["high"])))
-            else:
-                trial[k] = rng.randint(int(space["low"]), int(space["high"]))
-        out.append(trial)
-    return out
+    """The trials fixed in advance: the full product (grid), `trials` seeded draws of Optuna's RandomSampler
+    (random), or TPE's seeded start-up draws (the rest TPE chooses as results come in)."""
+    from dlbase.study import decode, slots
+    return [decode(spec.params, s) for s in slots(spec) if s]
 
 
 def trial_config(base_raw: dict, values: dict, name: str, ckpt_dir: str, source: str, sets: list[str],
@@ -183,12 +195,15 @@ WHERE_KEYS = ("name", "checkpoint.dir")  # where a run's files go, not what it l
 
 
 class Sweep:
-    """One sweep's folder: every check before any trial runs, then each trial run (or reused), the ranking, and
-    the test set once, for the winner. `Sweep(...).run()` returns winner.json's contents."""
+    """One sweep's folder and Optuna study: every check before any trial runs, the trials this process takes
+    (or N worker processes take), the ranking, and the test set once, for the winner. `Sweep(...).run()` returns
+    winner.json's contents."""
 
     def __init__(self, base_raw: dict, spec: SweepSpec, source: str, sets: list[str],
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, storage: Optional[str] = None):
         self.spec, self.source, self.sets, self.log = spec, source, list(sets), log
+        self.base_raw = base_raw
+        self.storage_text = storage or spec.storage
         self.base = config_from_dict(base_raw, source, sets)
         if self.base.data.val_size == 0 and "data.val_size" not in spec.params:  # not as the metric override's
             where = next((f"--set {t}" for t in sets if t.partition("=")[0].strip() == "data.val_size"), source)
@@ -196,53 +211,77 @@ class Sweep:
                               f"{spec.metric} of validation data; set data.val_size (with sweep.cv_folds the folds "
                               f"validate and it is not used, but every trial's config must be valid on its own)")
         self.root = Path(self.base.checkpoint.dir).expanduser() / spec.name
-        self.trials = sample(spec)
         self.folds = spec.cv_folds or 1
-        # every sampled config is validated before any trial runs
-        self.configs = [trial_config(base_raw, t, f"trial-{i:03d}", str(self.root), source, sets, spec.metric)
-                        for i, t in enumerate(self.trials)]
+        self.configs = self._check_space()  # before any trial runs
         if spec.cv_folds and any(c.data.subset is not None and c.data.subset < spec.cv_folds for c in self.configs):
             raise ConfigError(f"{source}: data.subset is smaller than sweep.cv_folds")
-        self.done: dict[str, dict] = {}  # trial name -> its stored result row
         self.cache: dict = {}  # the data goes to the device once per (data config, seed, fold): shared by trials
+
+    def _config(self, values: dict, slot: int) -> Config:
+        return trial_config(self.base_raw, values, f"trial-{slot:03d}", str(self.root), self.source, self.sets,
+                            self.spec.metric)
+
+    def _check_space(self) -> list[Config]:
+        """Every trial fixed in advance (grid, random, TPE's start-up) validated as a config; for TPE also each
+        value of each list and both ends of each range, alone on the base."""
+        spec = self.spec
+        configs = [self._config(values, i) for i, values in enumerate(sample(spec))]
+        if spec.method == "tpe":
+            for key, space in spec.params.items():
+                values = space if isinstance(space, list) else space.get("values") or [space["low"], space["high"]]
+                for v in values:
+                    trial_config(self.base_raw, {key: v}, "trial-000", str(self.root), self.source, self.sets,
+                                 spec.metric)
+        return configs
+
+    def record(self) -> dict:
+        """What makes this sweep this sweep (sweep.yaml, and the study's own record): where its database is
+        does not count, so several machines can name it differently."""
+        spec = {k: v for k, v in self.spec.__dict__.items() if k not in ("storage", "heartbeat", "retries")}
+        return yaml.safe_load(yaml.safe_dump({"set": self.sets, **spec}))
 
     # ------------------------------------------------------------------ checks, before any trial runs
     def _check_folder(self) -> None:
-        """The folder is writable, holds this sweep or none, and every trial in it was trained with the config
-        this sweep gives it now; then sweep.yaml records the sweep."""
+        """The folder is writable and holds this sweep or none; then sweep.yaml records the sweep."""
         rundir.check_writable(self.root)  # checkpoint.dir read-only, or a file: one line now, not a traceback later
-        record = yaml.safe_load(yaml.safe_dump({"base": self.source, "set": self.sets, **self.spec.__dict__}))
+        record = self.record()
         stored = self.root / "sweep.yaml"
-        if stored.exists():  # a rerun resumes only the same sweep: trials are named by their index in it
+        if stored.exists():  # a rerun resumes only the same sweep: trials are named by their slot in it
             try:
                 before = yaml.safe_load(stored.read_text())
             except yaml.YAMLError:
                 before = None
-            if not isinstance(before, dict) or any(before.get(k) != v for k, v in record.items() if k != "base"):
+            if not isinstance(before, dict) or any(before.get(k) != v for k, v in record.items()):
                 raise ConfigError(f"{stored}: this folder holds another sweep (other params, spec or --set); give "
                                   f"the new one another name (sweep name: or --set checkpoint.dir=...), or delete "
                                   f"{self.root}")
-        for cfg in self.configs:
-            self._check_trial(cfg)
-        rundir.write_atomic(stored, yaml.safe_dump(record, sort_keys=False), "sweep.yaml")
+        rundir.write_atomic(stored, yaml.safe_dump({"base": self.source, **record}, sort_keys=False), "sweep.yaml")
 
-    def _check_trial(self, cfg: Config) -> None:
-        """Refuse a trial folder whose result or checkpoint came from another config (the base changed)."""
-        folder = self.root / cfg.name
-        done = folder / RESULT_FILE
-        if done.exists():
+    def _check_trials(self, study) -> None:
+        """Refuse a trial folder here whose result or checkpoint came from another config than its slot's
+        values give now (the base config or --set changed)."""
+        for folder in sorted(self.root.glob("trial-[0-9][0-9][0-9]*")):
             try:
-                row = json.loads(done.read_text())
+                slot = int(folder.name.split("-", 1)[1])
             except ValueError:
-                raise ConfigError(f"{done}: unreadable; delete it and rerun to redo {cfg.name}") from None
-            stored = row["config"] if "config" in row else _config_yaml(folder)  # older results: config.yaml
-            self._refuse_if_changed(done, stored, cfg, self.root)
-            self.done[cfg.name] = row
-            return
-        for run in ([folder / f"fold-{f + 1}" for f in range(self.folds)] if self.spec.cv_folds else [folder]):
-            if (run / "last.ckpt").exists():  # an interrupted trial goes on from here: with its own config only
-                self._refuse_if_changed(run / "last.ckpt", checkpoint.load(run / "last.ckpt")["config"], cfg,
-                                        self.root)
+                continue
+            values = study.params_of(slot)
+            if values is None:
+                continue
+            cfg = self._config(values, slot)
+            done = folder / RESULT_FILE
+            if done.exists():
+                try:
+                    row = json.loads(done.read_text())
+                except ValueError:
+                    raise ConfigError(f"{done}: unreadable; delete it and rerun to redo {cfg.name}") from None
+                stored = row["config"] if "config" in row else _config_yaml(folder)
+                self._refuse_if_changed(done, stored, cfg, self.root)
+                continue
+            for run in ([folder / f"fold-{f + 1}" for f in range(self.folds)] if self.spec.cv_folds else [folder]):
+                if (run / "last.ckpt").exists():  # an interrupted trial goes on from here: with its own config only
+                    self._refuse_if_changed(run / "last.ckpt", checkpoint.load(run / "last.ckpt")["config"], cfg,
+                                            self.root)
 
     def _refuse_if_changed(self, path: Path, stored: Optional[dict], cfg: Config, redo: Path) -> None:
         """A result or checkpoint is reused only if its whole resolved config is the one cfg resolves to now."""
@@ -253,39 +292,145 @@ class Sweep:
                               f"({shown}); to keep both, give this sweep another name (sweep name: or --set "
                               f"checkpoint.dir=...); to redo it, delete {rundir.quote(redo)}")
 
-    # ------------------------------------------------------------------ the trials
-    def run(self) -> dict:
-        """Run (or reuse) every trial, rank them, write results.csv and best.yaml, test the winner once."""
-        from tqdm.auto import tqdm
+    # ------------------------------------------------------------------ the study
+    def open_study(self, rank: int = 0):
+        from dlbase.study import Study
+        return Study(self.spec, self.root, self.storage_text, self.record(), rank,
+                     self.folds if self.spec.cv_folds else self.base.train.epochs, self.log)
 
+    def run(self, workers: int = 1, worker_argv: Optional[list[str]] = None, worker: Optional[int] = None) -> dict:
+        """Take trials until the study has none left (here, or in `workers` processes started with worker_argv),
+        then rank them, write results.csv and best.yaml, and test the winner once. worker: this process is that
+        worker of another `dlbase sweep`, which ranks and tests: it only takes trials."""
         spec = self.spec
         self._check_folder()
-        self.log(f"sweep {spec.name}: {len(self.trials)} trials{f' x {self.folds} folds' if spec.cv_folds else ''}, "
-                 f"{spec.metric} ({spec.mode}) on validation data -> {self.root}")
-        rows = []
-        bar = tqdm(total=len(self.trials), desc="trials", unit="trial", disable=None, position=0)
+        study = self.open_study(worker or 0)
+        self._check_trials(study)
+        if worker is not None:
+            self._work(study, f"[worker {worker}] ")
+            return {}
+        rows, open_ = study.rows()
+        pruning = f", pruner {spec.pruner}" if spec.pruner != "none" else ""
+        self.log(f"sweep {spec.name}: {spec.method}, {len(rows) + open_} trials"
+                 f"{f' x {self.folds} folds' if spec.cv_folds else ''}{pruning}, {spec.metric} ({spec.mode}) on "
+                 f"validation data -> {self.root}  (study: {_shown_url(study.url)}; {len(rows)} done)")
+        if open_ and workers > 1:
+            from dlbase.workers import run_workers
+            run_workers(worker_argv or [], workers, self.base.device, self.log)
+        elif open_:
+            self._work(study, "")
+        rows, open_ = study.rows()
+        ranked = rank(list(rows.values()), spec.mode)
+        self._write_results(ranked)
+        if open_:
+            raise DlbaseError(f"sweep {spec.name}: {open_} trial(s) are still running elsewhere or could not be "
+                              f"taken; results.csv ranks the {len(rows)} done; rerun the same command to finish")
+        if not finished(ranked[0]):
+            kinds = collections.Counter(r.get("status") for r in ranked)
+            what = (f"every trial {next(iter(kinds))} ({len(rows)} of {len(rows)}" if len(kinds) == 1 else
+                     f"no trial finished ({', '.join(f'{n} {k}' for k, n in kinds.items())} of {len(rows)}")
+            raise DlbaseError(f"sweep {spec.name}: {what}; see {self.root / 'results.csv'}); "
+                              f"no winner, and the test set was not used; lower optim.lr or set train.grad_clip, "
+                              f"and run the new sweep under another name")
+        return self._test_winner(study, ranked[0], ranked)
+
+    def _work(self, study, prefix: str) -> None:
+        """Take slots until none is left; while other workers still run trials, wait: one may die, and its
+        trial comes back here as a retry."""
+        from tqdm.auto import tqdm
+
+        rows, open_ = study.rows()
+        bar = tqdm(total=len(rows) + open_, initial=len(rows), desc="trials", unit="trial", disable=None,
+                   position=0)
         try:
-            for values, cfg in zip(self.trials, self.configs):
-                rows.append(self.done.get(cfg.name) or self._run_trial(values, cfg))
+            while True:
+                trial = study.take()
+                if trial is None:
+                    if study.running() == 0:
+                        return
+                    time.sleep(min(2.0, self.spec.heartbeat / 2))  # another worker's trial: it may yet die
+                    continue
+                self._run_trial(study, trial, prefix)
                 bar.update(1)
         finally:
             bar.close()
-        ranked = rank(rows, spec.mode)
-        self._write_results(ranked)
-        if not finished(ranked[0]):
-            raise DlbaseError(f"sweep {spec.name}: every trial diverged ({len(rows)} of {len(rows)}; see "
-                              f"{self.root / 'results.csv'}); "
-                              f"no winner, and the test set was not used; lower optim.lr or set train.grad_clip, "
-                              f"and run the new sweep under another name")
-        return self._test_winner(ranked[0], ranked)
 
-    def _run_trial(self, values: dict, cfg: Config) -> dict:
-        """Train one trial (each fold with cross-validation); a diverged trial is a result too. Writes result.json."""
+    def _run_trial(self, study, trial, prefix: str) -> dict:
+        """Train one trial (each fold with cross-validation), reporting to the pruner; tell the study how it
+        ended. A diverged or invalid trial is a result; a stopped one is retried when the sweep is rerun."""
+        from optuna.trial import TrialState
+
+        from dlbase.study import ROW, SLOT, decode, distributions
+
+        spec = self.spec
+        slot = int(trial.user_attrs[SLOT])
+        name = f"trial-{slot:03d}"
+        values = decode(spec.params, {k: _suggest(trial, k, d) for k, d in distributions(spec.params).items()})
+        try:
+            cfg = self._config(values, slot)
+        except ConfigError as e:  # a TPE draw the config checks refuse (e.g. a combination): a failed result
+            return self._tell(study, trial, {"trial": name, **values, "status": "invalid", "score": None,
+                                             "std": None, "epochs": None, "seconds": 0.0, "error": str(e)},
+                              TrialState.FAIL, prefix)
+        with study.beating(trial):
+            try:
+                outcome = self._train_folds(trial, values, cfg)
+            except SweepStopped:
+                study.study.tell(trial, state=TrialState.FAIL)  # its retry goes on from the trial's last.ckpt
+                study.retry(study.study._storage.get_trial(trial._trial_id))
+                raise
+            except BaseException:
+                study.study.tell(trial, state=TrialState.FAIL)
+                study.retry(study.study._storage.get_trial(trial._trial_id))
+                raise
+        state = {"finished": TrialState.COMPLETE, "pruned": TrialState.PRUNED}.get(outcome["status"], TrialState.FAIL)
+        return self._tell(study, trial, {"trial": name, **values, **outcome}, state, prefix, cfg)
+
+    def _tell(self, study, trial, row: dict, state, prefix: str, cfg: Optional[Config] = None) -> dict:
+        import socket
+
+        from optuna.trial import TrialState
+
+        from dlbase.study import ROW
+
+        spec, folder = self.spec, self.root / row["trial"]
+        row = {**row, "host": socket.gethostname()}
+        if cfg is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            rundir.write_atomic(folder / RESULT_FILE, json.dumps({**row, "config": to_dict(cfg)}),
+                                "the trial's result")
+        trial.set_user_attr(ROW, row)  # results.csv comes from the study: every machine's trials
+        if state == TrialState.COMPLETE:
+            study.study.tell(trial, row["score"])
+        else:
+            study.study.tell(trial, state=state)
+        shown = {k: row[k] for k in spec.params}
+        if row["status"] == "finished":
+            self.log(f"{prefix}{row['trial']}: {shown}  {spec.metric} {row['score']:.4f}"
+                     + (f" +- {row['std']:.4f}" if self.folds > 1 else ""))
+        elif row["status"] == "pruned":
+            self.log(f"{prefix}{row['trial']}: {shown}  pruned after {row['pruned_at']} ({spec.metric} "
+                     f"{row['score']:.4f} so far)")
+        else:
+            self.log(f"{prefix}{row['trial']}: {shown}  {row['status']}, recorded as failed: {row.get('error')}")
+        return row
+
+    def _train_folds(self, trial, values: dict, cfg: Config) -> dict:
+        """Each fold (one without cross-validation) trained or resumed; the pruner hears each epoch's metric, or
+        with cross-validation the running mean after each fold."""
         from dlbase.train import train
 
         spec, folder = self.spec, self.root / cfg.name
         t0 = time.perf_counter()
-        scores, epochs, failure = [], [], None
+        scores, epochs, failure, pruned_at = [], [], None, None
+
+        def report(epoch: int, metrics: dict) -> bool:  # after each epoch's checkpoints
+            value = metrics.get(spec.metric)
+            if not isinstance(value, float) or not math.isfinite(value):
+                return False
+            trial.report(value, epoch)
+            return trial.should_prune()
+
         for f in range(self.folds):
             fold = (f, self.folds) if spec.cv_folds else None
             run = folder / f"fold-{f + 1}" if spec.cv_folds else folder
@@ -294,7 +439,8 @@ class Sweep:
             payload = checkpoint.load(last) if last.exists() else None  # an interrupted trial goes on
             try:
                 result = train(fcfg, resume=last if payload else None, resume_payload=payload, folder=run,
-                               dataset=self._dataset(fcfg, fold), log=lambda line: None)
+                               dataset=self._dataset(fcfg, fold), log=lambda line: None,
+                               on_epoch=None if spec.cv_folds or spec.pruner == "none" else report)
             except TrainingDiverged as e:  # scored as failed, ranked last; the sweep goes on
                 failure = str(e).split(";")[0] + (f" (fold {f + 1})" if spec.cv_folds else "")
                 break
@@ -303,21 +449,20 @@ class Sweep:
                                    f"rerun the same command to go on from there", result.exit_code)
             scores.append(checkpoint.load(run / "best.ckpt")["metrics"][spec.metric])
             epochs.append(result.epochs_done)
-        row = {"trial": cfg.name, **{k: values[k] for k in spec.params},
-               "status": "diverged" if failure else "finished",
-               "score": None if failure else statistics.mean(scores),
-               "std": None if failure else statistics.stdev(scores) if len(scores) > 1 else 0.0,
-               "epochs": max(epochs) if epochs and not failure else None,
-               "seconds": round(time.perf_counter() - t0, 2),
-               **({"error": failure} if failure else {}), "config": to_dict(cfg)}
-        folder.mkdir(parents=True, exist_ok=True)
-        rundir.write_atomic(folder / RESULT_FILE, json.dumps(row), "the trial's result")  # reruns reuse it
-        if failure:
-            self.log(f"{cfg.name}: {values}  diverged, recorded as failed: {failure}")
-        else:
-            self.log(f"{cfg.name}: {values}  {spec.metric} {row['score']:.4f}"
-                     + (f" +- {row['std']:.4f}" if self.folds > 1 else ""))
-        return row
+            if result.status == "pruned":
+                pruned_at = f"epoch {result.epochs_done}"
+                break
+            if spec.cv_folds and spec.pruner != "none" and f + 1 < self.folds:
+                trial.report(statistics.mean(scores), f + 1)  # a bad trial stops after its first fold
+                if trial.should_prune():
+                    pruned_at = f"fold {f + 1} of {self.folds}"
+                    break
+        return {"status": "diverged" if failure else "pruned" if pruned_at else "finished",
+                "score": None if failure else statistics.mean(scores),
+                "std": None if failure else statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                "epochs": max(epochs) if epochs and not failure else None,
+                "seconds": round(time.perf_counter() - t0, 2),
+                **({"error": failure} if failure else {}), **({"pruned_at": pruned_at} if pruned_at else {})}
 
     def _dataset(self, cfg: Config, fold: Optional[tuple[int, int]]):
         from dlbase.data import load_dataset
@@ -345,17 +490,14 @@ class Sweep:
         return {"rank": rank, **{k: row.get(k) for k in self.fields()[1:]}, "status": row.get("status", "finished")}
 
     # ------------------------------------------------------------------ the winner, and the test set once
-    def _test_winner(self, winner: dict, ranked: list[dict]) -> dict:
+    def _test_winner(self, study, winner: dict, ranked: list[dict]) -> dict:
         """best.yaml; with cross-validation the winner's retraining on every training image; then the test set,
-        once, on the winner's checkpoint; winner.json."""
-        from dlbase.data import load_dataset
-        from dlbase.engine import resolve_device
-        from dlbase.evaluate import evaluate
-        from dlbase.loss import build_eval_loss
-        from dlbase.state import load_for_eval
+        once for the whole study, on the winner's checkpoint, by the one process that holds it; winner.json."""
+        from dlbase.study import claim
 
         spec, root = self.spec, self.root
-        win_cfg = next(c for c in self.configs if c.name == winner["trial"])
+        slot = int(winner["trial"].split("-", 1)[1])
+        win_cfg = self._config({k: winner[k] for k in spec.params}, slot)
         final_cfg, epochs_note = self._final_config(win_cfg) if spec.cv_folds else (win_cfg, "")
         best_cfg = replace(final_cfg, name=f"{spec.name[:123]}_best",
                            checkpoint=replace(final_cfg.checkpoint, dir=self.base.checkpoint.dir))
@@ -363,6 +505,39 @@ class Sweep:
         head = (f"# the winner of sweep {spec.name} ({winner['trial']}), resolved{how}; train it with\n"
                 f"#   dlbase train --config {rundir.quote(root / 'best.yaml')}\n")
         rundir.write_atomic(root / "best.yaml", head + to_yaml(best_cfg), "best.yaml")
+        self._table(ranked)
+        tested = study.noted(TESTED)
+        if tested is None and (root / winner["trial"]).is_dir() and claim(root / "winner.lock"):
+            try:
+                tested = study.noted(TESTED) or self._test_once(winner, win_cfg, final_cfg, epochs_note)
+                study.note(TESTED, tested)  # every other worker and machine reads it: the test set stays untouched
+            finally:
+                (root / "winner.lock").unlink(missing_ok=True)
+        if tested is None:
+            where = winner.get("host", "another machine")
+            self.log(f"winner {winner['trial']} ({spec.metric} {winner['score']:.4f}) was trained on {where}; its "
+                     f"one test runs there (rerun the same command on {where})  -> {root / 'best.yaml'}")
+            return {"winner": _shown_row(winner), "test_accuracy": None}
+        rundir.write_atomic(root / "winner.json", json.dumps(tested, indent=2), "winner.json")
+        self.log(f"winner {winner['trial']} ({spec.metric} {winner['score']:.4f}); test accuracy, measured once: "
+                 f"{100 * tested['test_accuracy']:.2f}%  -> {root / 'best.yaml'}")
+        return tested
+
+    def _table(self, ranked: list[dict]) -> None:
+        self.log("")
+        self.log(" ".join(f"{h:>12}" for h in self.fields()))
+        for i, r in enumerate(ranked, 1):
+            self.log(" ".join(f"{_fmt(v):>12}" for v in self._cells(i, r).values()))
+
+    def _test_once(self, winner: dict, win_cfg: Config, final_cfg: Config, epochs_note: str) -> dict:
+        """Retrain (cross-validation) and test the winner: the one time the sweep reads the test set."""
+        from dlbase.data import load_dataset
+        from dlbase.engine import resolve_device
+        from dlbase.evaluate import evaluate
+        from dlbase.loss import build_eval_loss
+        from dlbase.state import load_for_eval
+
+        spec, root = self.spec, self.root
         if spec.cv_folds:  # the folds' models each saw part of the data: retrain the winner on all of it, once
             trained_on = f"all {self._retrain(final_cfg)} training images, {epochs_note}"
             ckpt = root / final_cfg.name / "last.ckpt"  # its last epoch: no validation data to choose another
@@ -376,20 +551,12 @@ class Sweep:
                           f"epoch by {spec.metric} (epoch {payload['epoch']})")
         test = evaluate(model, load_dataset(cfg.data, cfg.seed, device).test,
                         build_eval_loss(cfg.train.loss, cfg.model.output))
-        summary = {"winner": {k: v for k, v in winner.items() if k != "config"}, "trained_on": trained_on,
+        summary = {"winner": _shown_row(winner), "trained_on": trained_on,
                    "test_accuracy": test["accuracy"], "test_loss": test["loss"], "checkpoint": str(ckpt),
                    "results": str(root / "results.csv"), "best_yaml": str(root / "best.yaml")}
-        rundir.write_atomic(root / "winner.json", json.dumps(summary, indent=2), "winner.json")
         if cfg.train.tensorboard:  # the winner's HParams row gets its test accuracy, as `dlbase eval` gives a run's
             from dlbase.tblog import write_eval
             write_eval(ckpt.parent, int(payload["step"]), test["accuracy"], {})
-
-        self.log("")
-        self.log(" ".join(f"{h:>12}" for h in self.fields()))
-        for i, r in enumerate(ranked, 1):
-            self.log(" ".join(f"{_fmt(v):>12}" for v in self._cells(i, r).values()))
-        self.log(f"winner {winner['trial']} ({spec.metric} {winner['score']:.4f}); test accuracy, measured once: "
-                 f"{100 * test['accuracy']:.2f}%  -> {root / 'best.yaml'}")
         return summary
 
     def _final_config(self, cfg: Config) -> tuple[Config, str]:
@@ -427,16 +594,43 @@ class Sweep:
         return len(data.train)
 
 
+TESTED = "dlbase.winner"  # the study's record of the winner's one test (winner.json's contents)
+
+
 def run_sweep(base_raw: dict, spec: SweepSpec, source: str, sets: list[str],
-              log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) a sweep: see Sweep."""
-    return Sweep(base_raw, spec, source, sets, log).run()
+              log: Callable[[str], None] = print, storage: Optional[str] = None, workers: int = 1,
+              worker_argv: Optional[list[str]] = None, worker: Optional[int] = None) -> dict:
+    """Run (or resume, or join) a sweep: see Sweep."""
+    return Sweep(base_raw, spec, source, sets, log, storage).run(workers, worker_argv, worker)
 
 
 def rank(rows: list[dict], mode: str) -> list[dict]:
-    """Finished trials by score (best first, ties in trial order), then the failed ones in trial order."""
-    ok = sorted((r for r in rows if finished(r)), key=lambda r: r["score"], reverse=mode == "max")
-    return ok + [r for r in rows if not finished(r)]
+    """Finished trials by score (best first, ties in trial order), then the pruned ones likewise, then the
+    failed ones in trial order."""
+    def by_score(status: str) -> list[dict]:
+        return sorted((r for r in rows if r.get("status", "finished") == status and r.get("score") is not None),
+                      key=lambda r: (-r["score"] if mode == "max" else r["score"], r["trial"]))
+    done = by_score("finished") + by_score("pruned")
+    return done + sorted((r for r in rows if r not in done), key=lambda r: r["trial"])
+
+
+def _shown_row(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("config", "host")}
+
+
+def _shown_url(url: str) -> str:
+    from dlbase.study import _hide_password
+    return _hide_password(url)
+
+
+def _suggest(trial, key: str, dist) -> Any:
+    """The trial's value for key: fixed in its slot, kept from before a retry, or chosen by the sampler."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(key, dist.choices)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(key, dist.low, dist.high)
+    return trial.suggest_float(key, dist.low, dist.high, log=dist.log)
 
 
 def finished(row: dict) -> bool:

@@ -47,7 +47,7 @@ class RunResult:
     best_epoch: int
     last_metrics: dict
     train_seconds: float = 0.0  # the training steps of this call (no validation, checkpoints or start-up)
-    status: str = "finished"  # finished | early_stopped | preempted | nothing_to_do
+    status: str = "finished"  # finished | early_stopped | pruned | preempted | nothing_to_do
     exit_code: int = 0  # 143 (SIGTERM) or 130 (SIGINT) when preempted
 
 
@@ -60,7 +60,7 @@ class Progress:
     step: int = 0
     batch: int = 0
     epoch_rng: Optional[torch.Tensor] = None
-    status: str = "running"  # running | finished | early_stopped | preempted
+    status: str = "running"  # running | finished | early_stopped | pruned | preempted
     train_seconds: float = 0.0  # training steps of this process
 
     def state_dict(self) -> dict:
@@ -72,8 +72,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[checkpoint.Payload] = None,
                  log: Callable[[str], None] = print, folder: Optional[Path] = None,
-                 dataset: Optional[Dataset] = None):
+                 dataset: Optional[Dataset] = None, on_epoch: Optional[Callable[[int, dict], bool]] = None):
         self.cfg, self.log, self.progress, self.phases = cfg, log, Progress(), Phases()
+        self.on_epoch = on_epoch  # after each epoch's checkpoints: (epoch, metrics) -> True to stop (a sweep's pruner)
         self.resume, self.payload = resume, resume_payload
         self.rows: list[dict] = []  # metrics.csv
         self.folder: Optional[Path] = None
@@ -341,6 +342,9 @@ class Trainer:
             p.status = "early_stopped"
         elif self._agree_stop():  # the signal came with the epoch's last step: its checkpoint is the stop
             p.status = "preempted"
+        elif self.on_epoch is not None and p.step < self.total_steps and self.on_epoch(p.epoch, metrics):
+            self.log(f"pruned after epoch {p.epoch}: the sweep's pruner stopped this trial")
+            p.status = "pruned"
 
     def _finish(self) -> RunResult:
         """The summary line, the resume or eval command, then the plots (after the result is printed)."""
@@ -526,9 +530,10 @@ def _no_log(line: str) -> None:
 
 def train(cfg: Config, resume: Optional[Path] = None, resume_payload: Optional[checkpoint.Payload] = None,
           log: Callable[[str], None] = print, folder: Optional[Path] = None,
-          dataset: Optional[Dataset] = None) -> RunResult:
+          dataset: Optional[Dataset] = None, on_epoch: Optional[Callable[[int, dict], bool]] = None) -> RunResult:
     """Train cfg from scratch, or continue the run that resume_payload (loaded from `resume`) came from.
 
     folder: use this run folder (a sweep's trial) instead of <checkpoint.dir>/<name>[-N]; dataset: data already
-    on the device (a sweep loads it once for all its trials)."""
-    return Trainer(cfg, resume, resume_payload, log, folder, dataset).fit()
+    on the device (a sweep loads it once for all its trials); on_epoch: called after each epoch's checkpoints
+    with (epoch, metrics), True stops the run as `pruned` (a sweep's pruner)."""
+    return Trainer(cfg, resume, resume_payload, log, folder, dataset, on_epoch).fit()

@@ -59,8 +59,12 @@ def test_random_is_reproducible_and_respects_bounds():
     ({"method": "random", "params": {"optim.lr": {"distribution": "log_uniform", "low": 0, "high": 1}}}, "low > 0"),
     ({"method": "random", "params": {"optim.lr": {"distribution": "uniform", "low": 1, "high": 1}}}, "below high"),
     ({"method": "random", "params": {"optim.lr": {"distribution": "gauss", "low": 1, "high": 2}}}, "gauss"),
-    ({"params": {"optim.lr": {"distribution": "uniform", "low": 0.1, "high": 1}}}, "method: random"),
-    ({"method": "bayes", "params": {"optim.lr": [1]}}, "grid, random"),
+    ({"method": "grid", "params": {"optim.lr": {"distribution": "uniform", "low": 0.1, "high": 1}}},
+     "method: tpe or random"),
+    ({"pruner": "asha", "params": {"optim.lr": [1]}}, "none, median, hyperband"),
+    ({"storage": "", "params": {"optim.lr": [1]}}, "sweep.storage"),
+    ({"params": {"model.hidden": [[8], "[8]"]}}, "repeats a value"),
+    ({"method": "bayes", "params": {"optim.lr": [1]}}, "grid, random, tpe"),
     ({"metric": "test_accuracy", "params": {"optim.lr": [1]}}, "never looks at the test set"),
     ({"cv_folds": 1, "params": {"optim.lr": [1]}}, "sweep.cv_folds"),
 ])
@@ -114,13 +118,15 @@ def test_sweep_end_to_end_picks_the_best_and_resumes(tmp_path, tiny_data):
     winner = json.loads((root / "winner.json").read_text())
     assert winner["winner"]["trial"] == rows[0]["trial"] and 0 <= winner["test_accuracy"] <= 1
     assert "test accuracy, measured once" in r.stdout
-    # resume: drop one trial's result, rerun: only that trial runs again
-    (root / "trial-002" / "result.json").unlink()
-    stamp = {t: (root / t / "result.json").stat().st_mtime_ns for t in ("trial-000", "trial-001", "trial-003")}
+    # rerunning a finished sweep trains nothing and does not test again: the study holds every result and the test
+    stamp = {t: (root / t / "result.json").stat().st_mtime_ns for t in (f"trial-{i:03d}" for i in range(4))}
+    ckpts = {t: (root / t / "last.ckpt").stat().st_mtime_ns for t in stamp}
     r = runner.invoke(app, ["sweep", "--config", str(cfg)])
     assert r.exit_code == 0, r.output
-    assert "trial-002:" in r.stdout and "trial-000:" not in r.stdout.split("rank")[0]
+    assert "4 done" in r.stdout and not any(f"trial-{i:03d}:" in r.stdout for i in range(4))
     assert stamp == {t: (root / t / "result.json").stat().st_mtime_ns for t in stamp}
+    assert ckpts == {t: (root / t / "last.ckpt").stat().st_mtime_ns for t in stamp}
+    assert json.loads((root / "winner.json").read_text()) == winner
 
 
 def test_cross_validation_scores_mean_and_std_then_retrains_on_every_image(tmp_path, tiny_data):
@@ -267,7 +273,7 @@ def test_a_rerun_after_the_base_config_changed_refuses_stale_trials(tmp_path, ti
     assert r.exit_code == 2 and "last.ckpt" in r.stderr and "model.hidden" in r.stderr
     cfg.write_text(original.replace("lr: 0.05", "lr: 0.07"))  # a key every trial overrides: nothing is stale
     r = runner.invoke(app, args)
-    assert r.exit_code == 0 and "trial-000:" in r.stdout and "trial-001:" not in r.stdout, r.output
+    assert r.exit_code == 0 and "2 done" in r.stdout and "trial-001:" not in r.stdout, r.output
 
 
 @pytest.mark.parametrize("name", ["../../escaped", "my sweep", ".hidden", "a/b", "x" * 129])

@@ -1,0 +1,364 @@
+"""A sweep's Optuna study: the search space as Optuna distributions, its samplers and pruners, the storage (an
+SQLite file in the sweep folder by default, any database URL Optuna takes, or a journal file), the trial slots
+every worker takes from, and the heartbeat that lets a dead worker's trial be retried by another.
+
+Slots: when the study is created, every trial it will ever have is enqueued as a WAITING trial (a grid's points,
+a random search's seeded draws, TPE's seeded start-up draws and then empty slots that TPE fills when a worker
+takes them). A worker takes a slot by moving it from WAITING to RUNNING, which the storage does atomically, so
+N workers on any number of machines run exactly the slots, none twice. A slot's trial that dies (kill -9, a
+lost machine) stops beating; another worker marks it failed and enqueues its retry, which keeps the slot's run
+folder and goes on from its last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from dlbase.errors import ConfigError, DlbaseError
+
+METHODS = ("grid", "random", "tpe")
+PRUNERS = ("none", "median", "hyperband")
+JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+SLOT = "dlbase.slot"  # user attr: the trial's slot (its folder trial-NNN); a retry inherits it
+ROW = "dlbase.row"  # user attr: the trial's row of results.csv, once it has one
+HEARTBEAT = "dlbase.heartbeat"  # system attr: the last beat (time.time()), where the storage has no heartbeat
+
+
+def _optuna():
+    import warnings
+
+    import optuna  # lazy: `dlbase train` never needs it
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # dlbase prints its own line per trial
+    # heartbeat, retry and fail_stale_trials are marked experimental; dlbase pins optuna>=4 and tests them
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+# ---------------------------------------------------------------------------------------------- the space
+def encode(value: Any) -> Any:
+    """Optuna's categorical choices are None, bool, int, float or str: a list (model.hidden) travels as JSON."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
+
+
+def distributions(params: dict) -> dict:
+    """dotted key -> Optuna distribution, for a spec's params (lists and distribution mappings)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    out = {}
+    for key, space in params.items():
+        if isinstance(space, list):
+            out[key] = CategoricalDistribution([encode(v) for v in space])
+        elif space["distribution"] == "choice":
+            out[key] = CategoricalDistribution([encode(v) for v in space["values"]])
+        elif space["distribution"] == "int_uniform":
+            out[key] = IntDistribution(int(space["low"]), int(space["high"]))
+        else:
+            out[key] = FloatDistribution(space["low"], space["high"], log=space["distribution"] == "log_uniform")
+    return out
+
+
+def decode(params: dict, values: dict) -> dict:
+    """Optuna's param values -> the spec's values (a JSON-encoded choice back to its list)."""
+    out = {}
+    for key, v in values.items():
+        space = params[key]
+        choices = space if isinstance(space, list) else space.get("values")
+        out[key] = choices[[encode(c) for c in choices].index(v)] if choices is not None else v
+    return out
+
+
+def slots(spec) -> list[dict]:
+    """Every trial the study will hold, as Optuna param values fixed in advance: the grid's points (in order),
+    `trials` seeded draws of Optuna's RandomSampler, or for TPE its seeded start-up draws then empty slots."""
+    import itertools
+    keys = list(spec.params)
+    if spec.method == "grid":
+        return [dict(zip(keys, (encode(v) for v in combo))) for combo in itertools.product(*spec.params.values())]
+    n_random = spec.trials if spec.method == "random" else tpe_startup(spec.trials)
+    optuna = _optuna()
+    draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.seed))  # in memory
+    dists = distributions(spec.params)
+    out = []
+    for _ in range(n_random):
+        t = draws.ask(dists)
+        draws.tell(t, 0.0)
+        out.append(dict(t.params))
+    return out + [{} for _ in range(spec.trials - n_random)]
+
+
+def tpe_startup(trials: int) -> int:
+    """TPE's random start-up trials: a quarter of the budget, at least 2, at most 10 (Optuna's default)."""
+    return max(2, min(10, trials // 4)) if trials > 2 else trials
+
+
+def sampler(spec, rank: int):
+    """The sampler a worker uses for an empty slot (TPE); fixed slots need none. Seeded per local worker."""
+    optuna = _optuna()
+    if spec.method != "tpe":
+        return optuna.samplers.RandomSampler(seed=spec.seed + rank)  # never consulted: every slot is fixed
+    # constant_liar: trials still running count as bad guesses, so parallel workers spread out
+    return optuna.samplers.TPESampler(seed=spec.seed + 7919 * rank, n_startup_trials=0, multivariate=True,
+                                      constant_liar=True)
+
+
+def pruner(spec, steps: int):
+    """steps: the reports a trial makes (epochs, or folds with cross-validation)."""
+    optuna = _optuna()
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=spec.prune_after, n_warmup_steps=0)
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, steps), reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+# ---------------------------------------------------------------------------------------------- the storage
+def storage_url(spec_storage: Optional[str], root: Path) -> str:
+    """The study's storage as the user gives it (None: an SQLite file in the sweep folder)."""
+    return spec_storage if spec_storage else f"sqlite:///{(root / 'study.db').resolve()}"
+
+
+def open_storage(url: str, heartbeat: int, retries: int, where: str):
+    """An Optuna storage for url: a database URL (sqlite:///, postgresql://, mysql://) with Optuna's heartbeat
+    and retry of stale trials, or a journal file (a path ending in .log / .journal / .jsonl, for shared file
+    systems; dlbase keeps its heartbeat in a trial attribute there)."""
+    optuna = _optuna()
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    if "://" not in url:
+        if not url.endswith(JOURNAL_SUFFIXES):
+            raise ConfigError(f"{where}: {url!r} is neither a database URL (sqlite:///path.db, "
+                              f"postgresql://user@host/db, mysql://...) nor a journal file ending in "
+                              f"{', '.join(JOURNAL_SUFFIXES)}")
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+        path = Path(url).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    scheme = url.split("://", 1)[0]
+    if scheme in ("postgresql", "postgres") and not _importable("psycopg2"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3 is what dlbase installs
+    kwargs: dict = {"connect_args": {"timeout": 60}} if scheme == "sqlite" else {"pool_pre_ping": True}
+    try:
+        return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=retries))
+    except (ImportError, ModuleNotFoundError) as e:
+        raise ConfigError(f"{where}: {url}: the database driver is missing ({e}); pip install psycopg[binary] for "
+                          f"PostgreSQL, PyMySQL for MySQL") from None
+    except Exception as e:  # sqlalchemy's errors: a bad URL, a server not there, a refused login
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}: cannot open the study's storage {_hide_password(url)}: {first}") from None
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+def _hide_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+
+
+# ---------------------------------------------------------------------------------------------- the study
+class Study:
+    """One sweep's study in its storage: created and filled with its slots once, joined by every worker."""
+
+    READY = "dlbase.ready"
+
+    def __init__(self, spec, root: Path, storage_text: Optional[str], record: dict, rank: int = 0,
+                 steps: int = 1, log: Callable[[str], None] = print):
+        optuna = _optuna()
+        self.spec, self.log = spec, log
+        self.url = storage_url(storage_text, root)
+        where = "--storage" if storage_text else f"{root / 'study.db'}"
+        self.storage = open_storage(self.url, spec.heartbeat, spec.retries, where)
+        direction = "maximize" if spec.mode == "max" else "minimize"
+        kw = dict(study_name=spec.name, storage=self.storage, sampler=sampler(spec, rank), pruner=pruner(spec, steps))
+        try:
+            self.study = optuna.create_study(direction=direction, **kw)
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            self.study = optuna.load_study(**kw)
+            created = False
+        if created:
+            for i, params in enumerate(slots(spec)):
+                self.study.enqueue_trial(params, user_attrs={SLOT: i})
+            self.study.set_user_attr("dlbase.sweep", record)
+            self.study.set_user_attr(self.READY, True)  # last: a worker that joins now finds every slot
+        else:
+            self._wait_ready(where)
+            stored = self.study.user_attrs.get("dlbase.sweep")
+            if stored != record:
+                raise ConfigError(f"{_hide_password(self.url)}: study {spec.name!r} there was made by another sweep "
+                                  f"(other params, spec or --set); give the new one another name (sweep name:)")
+        self.heartbeat_native = _native_heartbeat(self.storage)
+
+    def _wait_ready(self, where: str) -> None:
+        deadline = time.monotonic() + 60
+        while not self.study.user_attrs.get(self.READY):
+            if time.monotonic() > deadline:
+                raise ConfigError(f"{where}: study {self.spec.name!r} exists but its trials were never enqueued (its "
+                                  f"creator stopped at once); delete the study (optuna delete-study) and rerun")
+            time.sleep(0.5)
+
+    # ------------------------------------------------------------------ taking slots
+    def take(self):
+        """The next slot as an optuna.Trial (RUNNING, ours), or None when every slot is taken. Fails stale trials
+        first, so a dead worker's slot comes back as a retry."""
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import Trial, TrialState
+        self.fail_stale()
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            try:
+                if self.storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):  # atomic in storage
+                    return Trial(self.study, t._trial_id)
+            except UpdateFinishedTrialError:
+                continue
+        return None
+
+    def running(self) -> int:
+        from optuna.trial import TrialState
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+    def fail_stale(self) -> None:
+        """Mark trials whose worker stopped beating failed, and enqueue their retries."""
+        optuna = _optuna()
+        from optuna.trial import TrialState
+        if self.heartbeat_native:
+            optuna.storages.fail_stale_trials(self.study)
+            return
+        grace, now = 3 * self.spec.heartbeat, time.time()
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            beat = t.system_attrs.get(HEARTBEAT, t.datetime_start.timestamp() if t.datetime_start else now)
+            if now - beat > grace:
+                try:
+                    if self.storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                        self.retry(self.storage.get_trial(t._trial_id))
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass
+
+    def retry(self, frozen) -> None:
+        """Enqueue a failed (killed, stopped) trial's retry: same params, same slot, within spec.retries."""
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+        RetryHeartbeatStaleTrialCallback(max_retry=self.spec.retries)(self.study, frozen)
+
+    def beating(self, trial) -> "_Heartbeat":
+        return _Heartbeat(self, trial._trial_id)
+
+    # ------------------------------------------------------------------ reading it
+    def rows(self) -> tuple[dict, int]:
+        """(slot -> its row, slots not done): each slot's newest trial's row; a slot whose trial failed without a
+        row and has no retry left is a 'failed' row."""
+        from optuna.trial import TrialState
+        newest: dict[int, Any] = {}
+        for t in self.study.get_trials(deepcopy=False):
+            slot = t.user_attrs.get(SLOT)
+            if slot is not None and (slot not in newest or t.number > newest[slot].number):
+                newest[slot] = t
+        rows, open_ = {}, 0
+        for slot, t in sorted(newest.items()):
+            if ROW in t.user_attrs:
+                rows[slot] = t.user_attrs[ROW]
+            elif t.state == TrialState.FAIL:
+                tries = len(t.system_attrs.get("retry_history", [])) + 1
+                rows[slot] = {"trial": f"trial-{slot:03d}", "status": "failed", "score": None, "std": None,
+                              "epochs": None, "seconds": None,
+                              "error": f"its worker stopped {tries} time(s) (sweep.retries={self.spec.retries})"}
+            else:
+                open_ += 1
+        return rows, open_
+
+    def params_of(self, slot: int) -> Optional[dict]:
+        """The values (decoded) of a slot's newest trial that has them all."""
+        best = None
+        for t in self.study.get_trials(deepcopy=False):
+            if t.user_attrs.get(SLOT) == slot and set(t.params) == set(self.spec.params):
+                if best is None or t.number > best.number:
+                    best = t
+        return decode(self.spec.params, best.params) if best is not None else None
+
+    def note(self, key: str, value: Any) -> None:
+        self.study.set_user_attr(key, value)
+
+    def noted(self, key: str) -> Any:
+        return self.study.user_attrs.get(key)
+
+
+def _native_heartbeat(storage) -> bool:
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+    return is_heartbeat_enabled(storage)
+
+
+class _Heartbeat:
+    """While a trial trains, a thread beats every spec.heartbeat seconds (Optuna's record_heartbeat, or a
+    trial attribute where the storage has none)."""
+
+    def __init__(self, study: Study, trial_id: int):
+        self.study, self.trial_id, self.stop = study, trial_id, threading.Event()
+
+    def _beat(self) -> None:
+        s = self.study
+        if s.heartbeat_native:
+            s.storage.record_heartbeat(self.trial_id)
+        else:
+            s.storage.set_trial_system_attr(self.trial_id, HEARTBEAT, time.time())
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.study.spec.heartbeat):
+            try:
+                self._beat()
+            except Exception:  # a database hiccup: the next beat tries again; grace is three beats
+                pass
+
+    def __enter__(self) -> "_Heartbeat":
+        self._beat()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="dlbase-heartbeat")
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def claim(path: Path) -> bool:
+    """Take path as a lock (O_EXCL), or take it over from a process of this host that is gone. True if ours."""
+    host = socket.gethostname()
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner_host, _, pid = path.read_text().partition(":")
+                alive = owner_host != host or _alive(int(pid))
+            except (OSError, ValueError):
+                alive = False
+            if alive:
+                return False
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{host}:{os.getpid()}")
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StudyError(DlbaseError):
+    """The study's storage failed during the sweep."""
+
+
+def finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
