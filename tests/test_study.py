@@ -1,0 +1,234 @@
+"""dlbase sweep on Optuna: workers in parallel processes on one real database (SQLite, PostgreSQL), a killed
+worker's trial retried, pruning after the first report, journal files, bad storages."""
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from dlbase.cli import app
+
+optuna = pytest.importorskip("optuna")
+from optuna.trial import TrialState  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def base(tmp_path, tiny_data, epochs=2, hidden="[16]", extra=""):
+    p = tmp_path / "base.yaml"
+    p.write_text(f"""
+name: base
+device: cpu
+data: {{root: {tiny_data}, download: false, val_size: 100}}
+model: {{hidden: {hidden}}}
+optim: {{lr: 0.05}}
+train: {{epochs: {epochs}, batch_size: 50, tensorboard: false}}
+checkpoint: {{dir: {tmp_path / 'ckpt'}}}
+{extra}""")
+    return p
+
+
+def spec_file(tmp_path, **kw):
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump({"name": "st", **kw}))
+    return p
+
+
+def dlbase(*args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "dlbase", *map(str, args)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def load(url, name="st"):
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def assert_exactly_once(study, n):
+    """Every slot 0..n-1 has exactly one finished trial (COMPLETE or PRUNED), and nothing else is unfinished."""
+    done = [t for t in study.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    slots = sorted(t.user_attrs["dlbase.slot"] for t in done)
+    assert slots == list(range(n)), slots  # no duplicate, no gap
+    assert not [t for t in study.get_trials() if t.state in (TrialState.WAITING, TrialState.RUNNING)]
+
+
+def test_two_worker_processes_take_every_trial_exactly_once(tmp_path, tiny_data):
+    cfg = base(tmp_path, tiny_data)
+    spec = spec_file(tmp_path, method="random", trials=6, seed=3, pruner="none",
+                     params={"optim.lr": {"distribution": "log_uniform", "low": 1e-3, "high": 0.1}})
+    p = dlbase("sweep", "--config", cfg, "--sweep", spec, "--workers", 2)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, out + err
+    root = tmp_path / "ckpt" / "st"
+    study = load(f"sqlite:///{root / 'study.db'}")
+    assert_exactly_once(study, 6)
+    assert "2 workers on the CPU" in out
+    assert out.count("[worker 0] trial-") + out.count("[worker 1] trial-") == 6
+    assert "[worker 0] trial-" in out and "[worker 1] trial-" in out  # both took trials
+    rows = list(csv.DictReader(open(root / "results.csv")))
+    assert sorted(r["trial"] for r in rows) == [f"trial-{i:03d}" for i in range(6)]
+    assert out.count("test accuracy, measured once") == 1  # the parent tests the winner; workers never do
+    # the same draws as one worker would make: the random search is fixed when the study is created
+    one = tmp_path / "one"
+    one.mkdir()
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec), "--set",
+                            f"checkpoint.dir={one}"])
+    assert r.exit_code == 0, r.output
+    lrs = lambda folder: sorted(float(r["optim.lr"]) for r in csv.DictReader(open(folder / "results.csv")))
+    assert lrs(root) == lrs(one / "st")
+
+
+def test_a_killed_worker_s_trial_is_retried_and_the_study_completes(tmp_path, tiny_data):
+    """kill -9 of a worker mid-trial: its trial stops beating, the other worker fails it after the grace period
+    (3 beats), and retries it in the same run folder."""
+    cfg = base(tmp_path, tiny_data, epochs=40, hidden="[256, 256]")
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    spec = spec_file(tmp_path, params={"optim.lr": [0.05, 0.02, 0.01]}, heartbeat=1, pruner="none")
+    root = tmp_path / "ckpt" / "st"
+    a = dlbase("sweep", "--config", cfg, "--sweep", spec, "--storage", url, "--set", "train.epochs=40")
+    deadline = time.time() + 120
+    while not (root / "trial-000" / "last.ckpt").exists():  # a took slot 0 and is mid-trial
+        assert time.time() < deadline and a.poll() is None, a.communicate()
+        time.sleep(0.05)
+    b = dlbase("sweep", "--config", cfg, "--sweep", spec, "--storage", url, "--set", "train.epochs=40")
+    time.sleep(1.0)
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    out, err = b.communicate(timeout=600)
+    assert b.returncode == 0, out + err
+    study = load(url)
+    assert_exactly_once(study, 3)
+    failed = [t for t in study.get_trials() if t.state == TrialState.FAIL]
+    assert [t.user_attrs["dlbase.slot"] for t in failed] == [0]  # a's trial, failed by b once stale
+    retry = next(t for t in study.get_trials() if t.state == TrialState.COMPLETE and t.user_attrs["dlbase.slot"] == 0)
+    assert retry.system_attrs["failed_trial"] == failed[0].number and retry.params == failed[0].params
+    rows = list(csv.DictReader(open(root / "trial-000" / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 41))  # resumed in its folder: every epoch once
+    assert "test accuracy, measured once" in out
+
+
+def test_a_hopeless_trial_is_pruned_after_its_first_report(tmp_path, tiny_data):
+    cfg = base(tmp_path, tiny_data, epochs=4)
+    spec = spec_file(tmp_path, params={"optim.lr": [0.05, 1e-7]}, pruner="median", prune_after=1)
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec)])
+    assert r.exit_code == 0, r.output
+    root = tmp_path / "ckpt" / "st"
+    rows = {r["trial"]: r for r in csv.DictReader(open(root / "results.csv"))}
+    assert rows["trial-000"]["status"] == "finished" and rows["trial-000"]["epochs"] == "4"
+    assert rows["trial-001"]["status"] == "pruned" and rows["trial-001"]["epochs"] == "1"
+    assert rows["trial-001"]["rank"] == "2"
+    kept = root / "trial-001"  # the pruned trial keeps its run folder: one epoch, its checkpoints, pruned
+    assert len(list(csv.DictReader(open(kept / "metrics.csv")))) == 1 and (kept / "best.ckpt").exists()
+    assert json.loads((kept / "status.json").read_text())["status"] == "pruned"
+    t = load(f"sqlite:///{root / 'study.db'}").trials[1]
+    assert t.state == TrialState.PRUNED and list(t.intermediate_values) == [1]
+    r = runner.invoke(app, ["runs", str(root)])
+    assert r.exit_code == 0 and "pruned" in r.stdout
+
+
+def test_with_cross_validation_a_bad_trial_stops_after_one_fold(tmp_path, tiny_data):
+    cfg = base(tmp_path, tiny_data, epochs=2)
+    spec = spec_file(tmp_path, params={"optim.lr": [0.05, 1e-7]}, cv_folds=3, pruner="median", prune_after=1)
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec)])
+    assert r.exit_code == 0, r.output
+    root = tmp_path / "ckpt" / "st"
+    assert sorted(p.name for p in (root / "trial-001").glob("fold-*")) == ["fold-1"]
+    assert sorted(p.name for p in (root / "trial-000").glob("fold-*")) == ["fold-1", "fold-2", "fold-3"]
+    rows = {r["trial"]: r for r in csv.DictReader(open(root / "results.csv"))}
+    assert rows["trial-001"]["status"] == "pruned" and rows["trial-000"]["status"] == "finished"
+    assert json.loads((root / "winner.json").read_text())["winner"]["trial"] == "trial-000"
+
+
+def test_tpe_chooses_within_the_space_and_a_journal_file_holds_the_study(tmp_path, tiny_data):
+    cfg = base(tmp_path, tiny_data, epochs=1)
+    journal = tmp_path / "j" / "study.log"
+    spec = spec_file(tmp_path, trials=5, seed=1, storage=str(journal), params={
+        "optim.lr": {"distribution": "log_uniform", "low": 1e-3, "high": 0.1},
+        "model.hidden": [[8], [16, 16]]})
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec)])
+    assert r.exit_code == 0, r.output
+    assert "sweep st: tpe, 5 trials, pruner median" in r.stdout
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    study = optuna.load_study(study_name="st", storage=JournalStorage(JournalFileBackend(str(journal))))
+    assert_exactly_once(study, 5)
+    for t in study.trials:
+        assert 1e-3 <= t.params["optim.lr"] <= 0.1 and t.params["model.hidden"] in ("[8]", "[16, 16]")
+    cfg_of = lambda i: yaml.safe_load((tmp_path / "ckpt" / "st" / f"trial-{i:03d}" / "config.yaml").read_text())
+    assert cfg_of(4)["model"]["hidden"] == json.loads(study.trials[4].params["model.hidden"])
+    assert not (tmp_path / "ckpt" / "st" / "study.db").exists()
+
+
+@pytest.mark.parametrize("storage,words", [
+    ("nosuchdb://x/y", "cannot open the study's storage"),
+    ("study.txt", "neither a database URL"),
+    ("postgresql://nobody:secret@127.0.0.1:1/none", "cannot open the study's storage"),
+])
+def test_a_bad_storage_is_one_line_and_trains_nothing(tmp_path, tiny_data, storage, words):
+    cfg = base(tmp_path, tiny_data, epochs=1)
+    spec = spec_file(tmp_path, params={"optim.lr": [0.05]})
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec), "--storage", storage])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert words in r.stderr and "secret" not in r.stderr
+    assert not (tmp_path / "ckpt" / "st" / "trial-000").exists()
+
+
+# ---------------------------------------------------------------------------------------------- PostgreSQL
+def _pg_bin(name):
+    found = shutil.which(name)
+    if found:
+        return found
+    for cand in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
+        return str(cand)
+    return None
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A throwaway PostgreSQL cluster in tmp_path (Debian's postgresql package), stopped afterwards."""
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    pytest.importorskip("psycopg")
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    # initdb refuses root: the cluster belongs to the postgres user, in a folder it can reach (pytest's tmp_path
+    # sits under a folder only root may enter)
+    data = Path(tempfile.mkdtemp(prefix="dlbase-pg-"))
+    if as_user:
+        shutil.chown(data, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    made = subprocess.run([*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(data / "log"), "-w", "-o",
+                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_two_workers_share_one_study_in_postgresql(tmp_path, tiny_data, postgres):
+    cfg = base(tmp_path, tiny_data, epochs=1)
+    spec = spec_file(tmp_path, params={"optim.lr": [0.05, 0.02, 0.01, 0.005]}, pruner="none")
+    p = dlbase("sweep", "--config", cfg, "--sweep", spec, "--storage", postgres, "--workers", 2)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, out + err
+    study = load(postgres.replace("postgresql://", "postgresql+psycopg://"))
+    assert_exactly_once(study, 4)
+    assert study.user_attrs["dlbase.winner"]["test_accuracy"] == json.loads(
+        (tmp_path / "ckpt" / "st" / "winner.json").read_text())["test_accuracy"]
+    assert not (tmp_path / "ckpt" / "st" / "study.db").exists()
