@@ -191,3 +191,27 @@ def test_device_check_stops_at_the_first_failing_step(tmp_path):
     assert r.stdout.rstrip().splitlines()[-1] == failures[0]  # nothing ran after it
     assert "== bench" not in r.stdout and "all steps passed" not in r.stdout
     assert (out / "log.txt").read_text().rstrip().endswith(failures[0])
+
+
+# ----------------------------------------------------------------------------- sweep_compare.py
+
+
+def test_sweep_compare_tiny_runs_both_ways_and_the_workers(tiny_data, tmp_path):
+    out = tmp_path / "compare.json"
+    r = run(script("sweep_compare.py", "--trials", 3, "--seeds", 1, "--hidden", "[[8], [16]]", "--workers", 2,
+                   *TINY_SETS, "--json", out), tiny_data, tmp_path)
+    assert r.returncode == 0, said(r)
+    result = json.loads(out.read_text())
+    assert [(row["way"], row["trials"]) for row in result["rows"]] == [("random", 3), ("tpe+median", 3)]
+    for row in result["rows"]:
+        assert 0.0 <= row["best_val"] <= 1.0 and 0.0 <= row["test_accuracy"] <= 1.0 and row["seconds"] > 0
+    assert result["workers"]["workers"] == 2 and result["workers"]["speedup"] > 0
+    # the same random trials with 1 or 2 workers (threads differ: float sums may, barely)
+    assert abs(result["workers"]["best_val"] - result["rows"][0]["best_val"]) <= 0.02
+    assert "| tpe+median |" in r.stdout
+
+
+def test_sweep_compare_stops_when_a_sweep_fails(tiny_data, tmp_path):
+    r = run(script("sweep_compare.py", "--trials", 2, "--seeds", 1, *TINY_SETS, "--set", "train.epochs=0"),
+            tiny_data, tmp_path)
+    assert r.returncode != 0 and "dlbase sweep failed" in r.stderr, said(r)

@@ -1,0 +1,107 @@
+"""Random search vs TPE with median pruning on the same budget of trials, and what --workers buys.
+
+    python scripts/sweep_compare.py                                  # configs/sweep_lr_hidden.yaml's base, 3 seeds
+    python scripts/sweep_compare.py --trials 12 --seeds 3 --workers 2 --set device=cpu --json compare.json
+
+The space is sweep_lr_hidden.yaml's, made continuous: optim.lr log-uniform in [lr_low, lr_high] and its two
+hidden-layer shapes as a choice. For each sweep seed, each way runs `dlbase sweep` as a user would (its own
+sweep folder and SQLite study) and the script reads the best validation score from results.csv, the winner's
+test accuracy (measured once, by the sweep) from winner.json, the trials pruned, and the wall time of the whole
+command. With --workers N, the random search of the first seed is run again with N workers: the speed-up is the
+ratio of the two wall times (the same trials: a random search is drawn when its study is created).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WAYS = {"random": {"method": "random", "pruner": "none"}, "tpe+median": {"method": "tpe", "pruner": "median"}}
+
+
+def sweep(config: str, spec: dict, folder: Path, sets: list[str], workers: int = 1) -> dict:
+    spec_file = folder / f"{spec['name']}.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = [sys.executable, "-m", "dlbase", "sweep", "--config", config, "--sweep", str(spec_file),
+            "--set", f"checkpoint.dir={folder}", *(x for s in sets for x in ("--set", s)), "--workers", str(workers)]
+    t0 = time.perf_counter()
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if r.returncode != 0:
+        sys.exit(f"sweep {spec['name']}: dlbase sweep failed (exit {r.returncode}): "
+                 f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    root = folder / spec["name"]
+    rows = list(csv.DictReader(open(root / "results.csv")))
+    winner = json.loads((root / "winner.json").read_text())
+    return {"seconds": round(seconds, 1), "best_val": float(rows[0]["score"]),
+            "test_accuracy": winner["test_accuracy"], "trials": len(rows),
+            "pruned": sum(r["status"] == "pruned" for r in rows),
+            "epochs": sum(int(r["epochs"] or 0) for r in rows)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(REPO / "configs" / "sweep_lr_hidden.yaml"))
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--lr-low", type=float, default=1e-4)
+    ap.add_argument("--lr-high", type=float, default=1e-1)
+    ap.add_argument("--hidden", default="[[256], [512, 512]]", help="the hidden-layer shapes to choose from (YAML)")
+    ap.add_argument("--workers", type=int, default=0, help="also time the first random search with N workers")
+    ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    params = {"optim.lr": {"distribution": "log_uniform", "low": args.lr_low, "high": args.lr_high},
+              "model.hidden": {"distribution": "choice", "values": yaml.safe_load(args.hidden)}}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(args.seeds):
+            for way, how in WAYS.items():
+                spec = {"name": f"{way.replace('+', '_')}_{seed}", "trials": args.trials, "seed": seed,
+                        "params": params, "metric": "val_accuracy", **how}
+                row = {"way": way, "seed": seed, **sweep(args.config, spec, Path(tmp), args.sets)}
+                rows.append(row)
+                print(f"{way:>11} seed {seed}: best val {100 * row['best_val']:.2f}%, test {100 * row['test_accuracy']:.2f}%, "
+                      f"{row['pruned']} of {row['trials']} pruned, {row['epochs']} epochs trained, {row['seconds']:.1f} s",
+                      flush=True)
+        summary = {}
+        for way in WAYS:
+            mine = [r for r in rows if r["way"] == way]
+            summary[way] = {k: (statistics.mean(r[k] for r in mine),
+                                statistics.stdev(r[k] for r in mine) if len(mine) > 1 else 0.0)
+                            for k in ("best_val", "test_accuracy", "seconds", "epochs")}
+        print(f"\n| way | best val acc (mean ± sd) | winner's test acc | epochs trained | wall time (s) |")
+        print("|---|---|---|---|---|")
+        for way, s in summary.items():
+            print(f"| {way} | {100 * s['best_val'][0]:.2f}% ± {100 * s['best_val'][1]:.2f} | "
+                  f"{100 * s['test_accuracy'][0]:.2f}% ± {100 * s['test_accuracy'][1]:.2f} | {s['epochs'][0]:.0f} | "
+                  f"{s['seconds'][0]:.1f} ± {s['seconds'][1]:.1f} |")
+        workers = None
+        if args.workers > 1:
+            spec = {"name": f"random_w{args.workers}", "trials": args.trials, "seed": 0, "params": params,
+                    **WAYS["random"]}
+            many = sweep(args.config, spec, Path(tmp), args.sets, args.workers)
+            one = next(r for r in rows if r["way"] == "random" and r["seed"] == 0)
+            workers = {"workers": args.workers, "seconds": many["seconds"], "one_worker_seconds": one["seconds"],
+                       "speedup": round(one["seconds"] / many["seconds"], 2), "best_val": many["best_val"]}
+            print(f"\nrandom search, seed 0, {args.trials} trials: 1 worker {one['seconds']:.1f} s, {args.workers} "
+                  f"workers {many['seconds']:.1f} s: {workers['speedup']:.2f}x (same trials: best val "
+                  f"{100 * one['best_val']:.2f}% and {100 * many['best_val']:.2f}%)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary, "workers": workers}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
