@@ -374,12 +374,13 @@ def _sweep_schema() -> dict:
     low_high = {"low": {"type": "number"}, "high": {"type": "number"}}
     distribution = {
         "type": "object", "required": ["distribution"],
-        "description": "method random: a distribution to draw each trial's value from",
+        "description": "method random or tpe: a distribution to draw each trial's value from",
         "properties": {"distribution": {"enum": ["uniform", "log_uniform", "int_uniform", "choice"]},
                        "low": {"description": "uniform, log_uniform (> 0), int_uniform: the smallest value"},
                        "high": {"description": "uniform, log_uniform, int_uniform: above low"},
                        "values": {"description": "choice: the values to pick from"}},
-        "anyOf": [{"properties": {"distribution": {"const": "choice"}, "values": {"type": "array", "minItems": 1}},
+        "anyOf": [{"properties": {"distribution": {"const": "choice"},
+                                  "values": {"type": "array", "minItems": 1, "uniqueItems": True}},
                    "required": ["values"]},
                   {"properties": {"distribution": {"enum": ["uniform", "log_uniform"]}, **low_high},
                    "required": ["low", "high"]},
@@ -389,15 +390,27 @@ def _sweep_schema() -> dict:
         "type": "object", "additionalProperties": False, "required": ["params"],
         "description": "Read by `dlbase sweep` only (dlbase train refuses a config with it): the search space and "
                        "how trials are scored. Not checked here: low below high, log_uniform's low above 0, "
-                       "distributions need method: random; params is required here, though --grid can add it.",
+                       "distributions need method random or tpe; a list and its JSON text count as one value; params is "
+                       "required here, though --grid can add it.",
         "properties": {
             "name": {"description": "the sweep's folder under checkpoint.dir; default: the run name + _sweep",
                      "anyOf": [{"type": "string", "pattern": _anchored(name["pattern"])},
                                {"type": "integer", "minimum": 0, "maximum": 10**128 - 1}]},
-            "method": {"enum": ["grid", "random"], "default": "grid",
-                       "description": "grid: every combination of the lists | random: `trials` seeded draws"},
-            "trials": _count(1, "random: how many trials", 10),
-            "seed": _count(0, "random: the sampler's seed", 0),
+            "method": {"enum": ["grid", "random", "tpe"],
+                       "description": "grid: every combination of the lists | random: `trials` seeded draws | tpe: "
+                                      "Optuna's TPE; default: tpe when a param is a distribution, else grid"},
+            "trials": _count(1, "random, tpe: how many trials", 10),
+            "seed": _count(0, "random, tpe: the samplers' seed", 0),
+            "pruner": {"enum": ["none", "median", "hyperband", None],
+                       "description": "stop hopeless trials early: none | median | hyperband; default: median for "
+                                      "random and tpe, none for grid"},
+            "prune_after": _count(0, "median: trials that must finish before any is pruned", 3),
+            "storage": {"type": ["string", "null"], "pattern": r"\S", "default": None,
+                        "description": "the study's database: an Optuna storage URL (sqlite:///study.db, "
+                                       "postgresql://user@host/db) or a journal file (.log, .journal, .jsonl); "
+                                       "default: study.db in the sweep folder"},
+            "heartbeat": _count(1, "seconds between a running trial's beats; 3 missed and it is retried", 30),
+            "retries": _count(0, "how often a trial whose worker died or was stopped is retried", 3),
             "metric": {"enum": ["val_accuracy", "val_loss"], "default": "val_accuracy",
                        "description": "what picks the winner (never the test set)"},
             "mode": {"enum": ["max", "min"], "description": "max or min of the metric; default: max for "
@@ -406,7 +419,8 @@ def _sweep_schema() -> dict:
             "params": {"type": "object", "minProperties": 1,
                        "description": "dotted config key -> a list of values, or a distribution (method random)",
                        "propertyNames": {"enum": _dotted_keys(Config)},
-                       "additionalProperties": {"anyOf": [{"type": "array", "minItems": 1}, distribution]}}}}
+                       "additionalProperties": {"anyOf": [{"type": "array", "minItems": 1, "uniqueItems": True},
+                                                         distribution]}}}}
 
 
 def _count(lo: int, help: str, default: Any) -> dict:

@@ -81,8 +81,7 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
     if mode not in ("max", "min"):
         raise _fail(source, "sweep.mode", f"{mode!r} is not one of max, min")
     pruner = raw.get("pruner", "none" if method == "grid" else "median")
-    if pruner is None or pruner is False:
-        pruner = "none"
+    pruner = "none" if pruner is None else pruner
     if pruner not in PRUNERS:
         raise _fail(source, "sweep.pruner", f"{pruner!r} is not one of {', '.join(PRUNERS)}")
     ints = {}
@@ -135,8 +134,8 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
 
 
 def _distinct(source: str, where: str, values: list, encode: Callable) -> None:
-    seen = [encode(v) for v in values]
-    if len(set(map(json.dumps, seen))) < len(seen):
+    seen = [encode(v) for v in values]  # as Optuna compares choices: 1, 1.0 and True are one value
+    if any(a == b for i, a in enumerate(seen) for b in seen[i + 1:]):
         raise _fail(source, where, f"{values!r} repeats a value (a list and its JSON text count as one)")
 
 

@@ -274,7 +274,7 @@ def _dist(name, **keys):
     return {"distribution": name, **keys}
 
 
-SPACES = [[], [1], [None], [[1], "a"], 3, "x", None, True, {}, {"low": 0, "high": 1}, _dist(None),
+SPACES = [[], [1], [None], [[1], "a"], [1, 1], [1, 1.0], ["a", "b", "a"], 3, "x", None, True, {}, {"low": 0, "high": 1}, _dist(None),
           _dist("normal", low=0, high=1), _dist("choice"), _dist("choice", values=[]),
           _dist("choice", values=[1, "a"]), _dist("choice", values="ab"), _dist("choice", values=[1], low="x"),
           _dist("uniform", low=0, high=1), _dist("uniform", low=-1.5, high=2), _dist("uniform", low="0", high=1),
@@ -286,7 +286,12 @@ SPACES = [[], [1], [None], [[1], "a"], 3, "x", None, True, {}, {"low": 0, "high"
           _dist("int_uniform", low=True, high=5), _dist("int_uniform", low="1", high=5)]
 SWEEP_VALUES = {"name": WRONG + ["sweep_1", "a.b-c", "x" * 128, "x" * 129, "-x", "a b", "a\n", 0, 2024, -1, 10**127,
                                  10**128, 1.5],
-                "method": WRONG + ["grid", "random", "Grid", "bayes", 1],
+                "method": WRONG + ["grid", "random", "tpe", "Grid", "bayes", 1],
+                "pruner": WRONG + ["none", "median", "hyperband", None, "asha", "Median", 0],
+                "prune_after": WRONG + [-1, 0, 3, 10**6 + 1, "3", 1.5],
+                "heartbeat": WRONG + [0, 1, 30, 10**6 + 1, "30", 0.5],
+                "retries": WRONG + [-1, 0, 3, 10**6 + 1, "3"],
+                "storage": WRONG + [None, "sqlite:///x.db", "study.log", "", " ", 1, ["a"]],
                 "trials": WRONG + [0, 1, 10**6, 10**6 + 1, "3", 2.5, -1],
                 "seed": WRONG + [-1, 0, 10**6, 10**6 + 1, "0", 0.5],
                 "cv_folds": WRONG + [1, 2, 10**6, 10**6 + 1, "5", 2.5],
@@ -309,7 +314,7 @@ def sweep_error(spec) -> str:
 
 
 def _random_if_distributions(spec: dict) -> dict:
-    """Distributions need method random: a cross rule, left to parse_spec; these documents keep to it."""
+    """Distributions need method random or tpe: a cross rule, left to parse_spec; these documents keep to it."""
     if isinstance(spec.get("params"), dict) and any(isinstance(v, dict) for v in spec["params"].values()) \
             and spec.get("method", "grid") == "grid":
         spec["method"] = "random"
@@ -387,6 +392,8 @@ def test_a_sweep_section_is_for_dlbase_sweep_only():
     {"sweep": {"params": {"optim.lr": [0.1]}, "trials": 3.0}},
     {"sweep": {"params": {"optim.lr": [0.1]}, "name": 2024.0}},
     {"sweep": {"params": {"optim.lr": {"distribution": "uniform", "low": 0, "high": math.inf}}, "method": "random"}},
+    {"sweep": {"params": {"model.hidden": [[8], "[8]"]}}},  # a list and its JSON text: one Optuna choice
+    {"sweep": {"params": {"optim.lr": [True, 1]}}},  # JSON tells true from 1; Optuna's choices (Python ==) do not
 ])
 def test_the_documented_differences(doc):
     """The schema accepts these and the loader refuses them: if one goes away, drop it here and in the README."""
