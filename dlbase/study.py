@@ -34,7 +34,10 @@ HEARTBEAT = "dlbase.heartbeat"  # system attr: the last beat (time.time()), wher
 def _optuna():
     import warnings
 
-    import optuna  # lazy: `dlbase train` never needs it
+    try:
+        import optuna  # lazy: `dlbase train` never needs it
+    except ImportError:
+        raise DlbaseError("dlbase sweep runs on Optuna, which is not installed here: pip install 'optuna>=4.9'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # dlbase prints its own line per trial
     # heartbeat, retry and fail_stale_trials are marked experimental; dlbase pins optuna>=4 and tests them
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -49,6 +52,7 @@ def encode(value: Any) -> Any:
 
 def distributions(params: dict) -> dict:
     """dotted key -> Optuna distribution, for a spec's params (lists and distribution mappings)."""
+    _optuna()
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     out = {}
     for key, space in params.items():
@@ -194,6 +198,7 @@ class Study:
             if stored != record:
                 raise ConfigError(f"{_hide_password(self.url)}: study {spec.name!r} there was made by another sweep "
                                   f"(other params, spec or --set); give the new one another name (sweep name:)")
+        self.storage = self.study._storage  # what Optuna's own ask() writes through (it caches trials)
         self.heartbeat_native = _native_heartbeat(self.storage)
 
     def _wait_ready(self, where: str) -> None:
@@ -288,8 +293,9 @@ class Study:
 
 
 def _native_heartbeat(storage) -> bool:
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-    return is_heartbeat_enabled(storage)
+    """Optuna's own heartbeat (its database storages, given heartbeat_interval); journal files have none."""
+    interval = getattr(storage, "get_heartbeat_interval", None)
+    return interval is not None and interval() is not None
 
 
 class _Heartbeat:

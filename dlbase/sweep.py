@@ -349,7 +349,10 @@ class Sweep:
                         return
                     time.sleep(min(2.0, self.spec.heartbeat / 2))  # another worker's trial: it may yet die
                     continue
-                self._run_trial(study, trial, prefix)
+                try:
+                    self._run_trial(study, trial, prefix)
+                except SweepStopped as e:
+                    raise SweepStopped(prefix + str(e), e.exit_code) from None
                 bar.update(1)
         finally:
             bar.close()

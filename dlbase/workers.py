@@ -51,24 +51,26 @@ def run_workers(argv: list[str], n: int, device: str, log: Callable[[str], None]
 
     envs, how = plan_gpus(n, device)
     log(how)
+    # each worker in its own process group: a Ctrl-C at the terminal reaches this process only, which passes it
+    # on once (twice would be a second Ctrl-C: stop at once, without saving)
     procs = [subprocess.Popen([sys.executable, "-m", "dlbase", "sweep", *argv, "--worker", str(i)],
-                              env={**os.environ, **env}) for i, env in enumerate(envs)]
+                              env={**os.environ, **env}, process_group=0) for i, env in enumerate(envs)]
     got: list[int] = []
 
-    def forward(signum, frame):  # Ctrl-C reaches the workers too (one process group); SIGTERM may not
+    def forward(signum, frame):
         got.append(signum)
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signum)
+                p.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         codes = [p.wait() for p in procs]
     finally:
         for s, h in old.items():
             signal.signal(s, h)
     if got:
-        code = 130 if got[0] == signal.SIGINT else 143
+        code = 130 if got[0] == signal.SIGINT else 143  # as one process stopped by that signal
         raise SweepStopped("sweep stopped by a signal; every worker saved its trial; rerun the same command to go "
                            "on", code)
     bad = [(i, c) for i, c in enumerate(codes) if c != 0]

@@ -232,3 +232,40 @@ def test_two_workers_share_one_study_in_postgresql(tmp_path, tiny_data, postgres
     assert study.user_attrs["dlbase.winner"]["test_accuracy"] == json.loads(
         (tmp_path / "ckpt" / "st" / "winner.json").read_text())["test_accuracy"]
     assert not (tmp_path / "ckpt" / "st" / "study.db").exists()
+
+
+def test_sigterm_to_a_sweep_with_workers_saves_both_trials_and_a_rerun_finishes_them(tmp_path, tiny_data):
+    cfg = base(tmp_path, tiny_data, epochs=30, hidden="[256, 256]")
+    spec = spec_file(tmp_path, params={"optim.lr": [0.05, 0.02, 0.01]}, pruner="none")
+    root = tmp_path / "ckpt" / "st"
+    p = dlbase("sweep", "--config", cfg, "--sweep", spec, "--workers", 2)
+    deadline = time.time() + 120
+    while len(list(root.glob("trial-*/last.ckpt"))) < 2:  # both workers are mid-trial
+        assert time.time() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143, out + err
+    lines = err.strip().splitlines()  # a line from each worker, then the sweep's own
+    assert sum("[worker" in line for line in lines) == 2 and "rerun the same command" in lines[-1], err
+    study = load(f"sqlite:///{root / 'study.db'}")
+    assert not [t for t in study.get_trials() if t.state == TrialState.RUNNING]  # nothing left for a heartbeat
+    stopped = [t.user_attrs["dlbase.slot"] for t in study.get_trials() if t.state == TrialState.FAIL]
+    assert len(stopped) == 2
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec)])
+    assert r.exit_code == 0, r.output
+    assert_exactly_once(load(f"sqlite:///{root / 'study.db'}"), 3)
+    for slot in stopped:  # each went on from its checkpoint: every epoch once
+        rows = list(csv.DictReader(open(root / f"trial-{slot:03d}" / "metrics.csv")))
+        assert [int(r["epoch"]) for r in rows] == list(range(1, 31))
+
+
+def test_hyperband_runs_a_sweep_through(tmp_path, tiny_data):
+    cfg = base(tmp_path, tiny_data, epochs=3)
+    spec = spec_file(tmp_path, method="random", trials=4, pruner="hyperband",
+                     params={"optim.lr": {"distribution": "log_uniform", "low": 1e-6, "high": 0.1}})
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec)])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(tmp_path / "ckpt" / "st" / "results.csv")))
+    assert len(rows) == 4 and {r["status"] for r in rows} <= {"finished", "pruned"}
+    assert rows[0]["status"] == "finished"
