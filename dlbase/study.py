@@ -26,6 +26,7 @@ from dlbase.errors import ConfigError, DlbaseError
 METHODS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 SLOT = "dlbase.slot"  # user attr: the trial's slot (its folder trial-NNN); a retry inherits it
 ROW = "dlbase.row"  # user attr: the trial's row of results.csv, once it has one
 HEARTBEAT = "dlbase.heartbeat"  # system attr: the last beat (time.time()), where the storage has no heartbeat
@@ -133,15 +134,20 @@ def open_storage(url: str, heartbeat: int, retries: int, where: str):
     systems; dlbase keeps its heartbeat in a trial attribute there)."""
     optuna = _optuna()
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    if "://" not in url and url.endswith(SQLITE_SUFFIXES):  # a path to an SQLite file: what else could it be
+        url = f"sqlite:///{Path(url).expanduser().resolve()}"
     if "://" not in url:
         if not url.endswith(JOURNAL_SUFFIXES):
             raise ConfigError(f"{where}: {url!r} is neither a database URL (sqlite:///path.db, "
-                              f"postgresql://user@host/db, mysql://...) nor a journal file ending in "
-                              f"{', '.join(JOURNAL_SUFFIXES)}")
+                              f"postgresql://user@host/db, mysql://...), an SQLite file ({', '.join(SQLITE_SUFFIXES)}) "
+                              f"nor a journal file ({', '.join(JOURNAL_SUFFIXES)})")
         from optuna.storages.journal import JournalFileBackend, JournalStorage
         path = Path(url).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot write the journal file {path}: {e.strerror or e}") from None
     scheme = url.split("://", 1)[0]
     if scheme in ("postgresql", "postgres") and not _importable("psycopg2"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3 is what dlbase installs
@@ -182,22 +188,30 @@ class Study:
         direction = "maximize" if spec.mode == "max" else "minimize"
         kw = dict(study_name=spec.name, storage=self.storage, sampler=sampler(spec, rank), pruner=pruner(spec, steps))
         try:
-            self.study = optuna.create_study(direction=direction, **kw)
-            created = True
-        except optuna.exceptions.DuplicatedStudyError:
-            self.study = optuna.load_study(**kw)
-            created = False
-        if created:
-            for i, params in enumerate(slots(spec)):
-                self.study.enqueue_trial(params, user_attrs={SLOT: i})
-            self.study.set_user_attr("dlbase.sweep", record)
-            self.study.set_user_attr(self.READY, True)  # last: a worker that joins now finds every slot
-        else:
-            self._wait_ready(where)
-            stored = self.study.user_attrs.get("dlbase.sweep")
-            if stored != record:
-                raise ConfigError(f"{_hide_password(self.url)}: study {spec.name!r} there was made by another sweep "
-                                  f"(other params, spec or --set); give the new one another name (sweep name:)")
+            try:
+                self.study = optuna.create_study(direction=direction, **kw)
+                created = True
+            except optuna.exceptions.DuplicatedStudyError:
+                self.study = optuna.load_study(**kw)
+                created = False
+            if created:
+                for i, params in enumerate(slots(spec)):
+                    self.study.enqueue_trial(params, user_attrs={SLOT: i})
+                self.study.set_user_attr("dlbase.sweep", record)
+                self.study.set_user_attr(self.READY, True)  # last: a worker that joins now finds every slot
+            else:
+                self._wait_ready(where)
+                stored = self.study.user_attrs.get("dlbase.sweep")
+        except DlbaseError:
+            raise
+        except Exception as e:  # the database refused: read-only, full, a lost connection
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{where}: the study's storage {_hide_password(self.url)} failed: {first}") from None
+        if not created and stored != record:
+            from dlbase.sweep import changed_keys
+            changes = changed_keys(stored, record) if isinstance(stored, dict) else ["not made by dlbase sweep"]
+            raise ConfigError(f"{_hide_password(self.url)}: study {spec.name!r} there was made by another sweep "
+                              f"({'; '.join(changes[:4])}); give the new one another name (sweep name:)")
         self.storage = self.study._storage  # what Optuna's own ask() writes through (it caches trials)
         self.heartbeat_native = _native_heartbeat(self.storage)
 

@@ -237,7 +237,8 @@ class Sweep:
         """What makes this sweep this sweep (sweep.yaml, and the study's own record): where its database is
         does not count, so several machines can name it differently."""
         spec = {k: v for k, v in self.spec.__dict__.items() if k not in ("storage", "heartbeat", "retries")}
-        return yaml.safe_load(yaml.safe_dump({"set": self.sets, **spec}))
+        sets = [t for t in self.sets if t.partition("=")[0].strip() not in WHERE_KEYS]  # each machine its folder
+        return yaml.safe_load(yaml.safe_dump({"set": sets, **spec}))
 
     # ------------------------------------------------------------------ checks, before any trial runs
     def _check_folder(self) -> None:

@@ -173,6 +173,7 @@ def test_tpe_chooses_within_the_space_and_a_journal_file_holds_the_study(tmp_pat
     ("nosuchdb://x/y", "cannot open the study's storage"),
     ("study.txt", "neither a database URL"),
     ("postgresql://nobody:secret@127.0.0.1:1/none", "cannot open the study's storage"),
+    ("/proc/no/such/study.log", "cannot write the journal file"),
 ])
 def test_a_bad_storage_is_one_line_and_trains_nothing(tmp_path, tiny_data, storage, words):
     cfg = base(tmp_path, tiny_data, epochs=1)
@@ -269,3 +270,24 @@ def test_hyperband_runs_a_sweep_through(tmp_path, tiny_data):
     rows = list(csv.DictReader(open(tmp_path / "ckpt" / "st" / "results.csv")))
     assert len(rows) == 4 and {r["status"] for r in rows} <= {"finished", "pruned"}
     assert rows[0]["status"] == "finished"
+
+
+def test_another_sweep_under_the_same_study_name_is_refused_and_a_second_machine_reads_the_result(tmp_path,
+                                                                                                   tiny_data):
+    cfg = base(tmp_path, tiny_data, epochs=1)
+    db = tmp_path / "shared.db"  # a path ending in .db is an SQLite file
+    spec = spec_file(tmp_path, params={"optim.lr": [0.05, 0.02]})
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec), "--storage", str(db)])
+    assert r.exit_code == 0, r.output
+    winner = json.loads((tmp_path / "ckpt" / "st" / "winner.json").read_text())
+    # another machine: its own checkpoint.dir, the same study; it trains nothing and reads the one test result
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec), "--storage", str(db),
+                            "--set", f"checkpoint.dir={tmp_path / 'other'}"])
+    assert r.exit_code == 0 and "2 done" in r.output and "trial-000:" not in r.output, r.output
+    assert json.loads((tmp_path / "other" / "st" / "winner.json").read_text()) == winner
+    assert not (tmp_path / "other" / "st" / "trial-000").exists()
+    # another space under the same name: refused, naming what differs
+    spec_file(tmp_path, params={"optim.lr": [0.05, 0.01]})
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec), "--storage", str(db),
+                            "--set", f"checkpoint.dir={tmp_path / 'third'}"])
+    assert r.exit_code == 2 and "made by another sweep" in r.stderr and "0.02" in r.stderr, r.output
