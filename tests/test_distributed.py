@@ -132,7 +132,8 @@ import sys, torch
 from dlbase.config import load_config
 from dlbase.train import Trainer
 t = Trainer(load_config(sys.argv[1], sys.argv[2:]), log=lambda s: None)
-print("draw", t.group.rank, torch.rand(4).tolist(), flush=True)
+# one file per rank: two ranks printing to one pipe can interleave their lines under load
+open(f"{sys.argv[1]}.draw{t.group.rank}", "w").write(repr(torch.rand(4).tolist()))
 t.group.close()
 """
 
@@ -146,8 +147,8 @@ def test_each_rank_draws_its_own_dropout_masks(tiny_config, tmp_path):
                         str(script), str(tiny_config), "model.dropout=0.5", f"checkpoint.dir={tmp_path / 'ck'}"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    draws = {line.split()[1]: line.split(None, 2)[2] for line in r.stdout.splitlines() if line.startswith("draw")}
-    assert set(draws) == {"0", "1"} and draws["0"] != draws["1"]
+    draws = {rank: Path(f"{tiny_config}.draw{rank}").read_text() for rank in (0, 1)}
+    assert draws[0] != draws[1] and all(draws.values())
 
 
 def test_early_stop_under_torchrun_is_one_decision(tiny_config, tmp_path):
