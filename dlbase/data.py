@@ -311,6 +311,19 @@ def fold_indices(n: int, seed: int, fold: int, folds: int) -> tuple[torch.Tensor
     return torch.cat([p for j, p in enumerate(parts) if j != fold]).sort().values, parts[fold].sort().values
 
 
+def split_indices(n: int, seed: int, val_size: int, fold: Optional[tuple[int, int]] = None
+                  ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(train, validation) indices into the n (subset) training samples: fold[0] of fold[1] validates
+    (cross-validation, val_size does not apply), else val_size seeded samples; (None, None): all train, no val.
+    load_dataset and population training (one dataset, many members' splits) both cut the set here."""
+    if fold is not None:
+        return fold_indices(n, seed, *fold)
+    if val_size:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        return perm[val_size:].sort().values, perm[:val_size].sort().values
+    return None, None
+
+
 def load_dataset(cfg, seed: int, device: torch.device, dtype: torch.dtype = torch.float32,
                  fold: Optional[tuple[int, int]] = None, phases=None) -> Dataset:
     """Find, check and load a dataset (a DataConfig) onto the device once, normalised once (to `dtype`).
@@ -331,12 +344,7 @@ def load_dataset(cfg, seed: int, device: torch.device, dtype: torch.dtype = torc
                             f"{' (data.subset)' if cfg.subset is not None else ''}; use a value below {n}")
         h, w = train.images.shape[1:]
         flat = x.reshape(n, h * w)
-        val_idx = None
-        if fold is not None:  # cross-validation: fold[0] of fold[1] validates, data.val_size does not apply
-            train_idx, val_idx = fold_indices(n, seed, *fold)
-        elif cfg.val_size:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-            val_idx, train_idx = perm[:cfg.val_size].sort().values, perm[cfg.val_size:].sort().values
+        train_idx, val_idx = split_indices(n, seed, cfg.val_size, fold)
     with timed("to device"):
         val = None
         if val_idx is not None:

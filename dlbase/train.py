@@ -455,16 +455,8 @@ class Trainer:
             self._snap_steps.append(step + 1)
 
     def _step_losses(self, snaps: list[float], start_sum: float) -> list[tuple[int, float]]:
-        """(global step, mean training loss since the previous point) for this epoch's snapshots."""
-        first, done_before = self._snap_from
-        B, out = self.cfg.train.batch_size, []
-        prev_sum, prev_n = start_sum, min(done_before * B, self.n_used)
-        for step, total in zip(self._snap_steps, snaps):
-            n = min((step - first) * B, self.n_used)
-            if n > prev_n:
-                out.append((step, (total - prev_sum) / (n - prev_n)))
-            prev_sum, prev_n = total, n
-        return out
+        return step_losses(self._snap_steps, snaps, start_sum, self._snap_from, self.cfg.train.batch_size,
+                           self.n_used)
 
     _stop_agreed = False  # a stop request every rank has agreed on (one process: the local flag)
     _stop_calls = 0
@@ -498,6 +490,21 @@ class Trainer:
     def _bar(self, n_steps: int) -> "_Bar":
         show = sys.stderr.isatty() and self.group.main  # a live bar only on a terminal; logs get epoch lines
         return _Bar(self, n_steps, show)
+
+
+def step_losses(snap_steps: list[int], snaps: list[float], start_sum: float, snap_from: tuple[int, int],
+                batch_size: int, n_used: int) -> list[tuple[int, float]]:
+    """(global step, mean training loss since the previous point) for an epoch's snapshots of its running loss
+    sum taken after snap_steps; snap_from: (the epoch's first global step, batches done before this process)."""
+    first, done_before = snap_from
+    out = []
+    prev_sum, prev_n = start_sum, min(done_before * batch_size, n_used)
+    for step, total in zip(snap_steps, snaps):
+        n = min((step - first) * batch_size, n_used)
+        if n > prev_n:
+            out.append((step, (total - prev_sum) / (n - prev_n)))
+        prev_sum, prev_n = total, n
+    return out
 
 
 class _Bar:
