@@ -1,0 +1,364 @@
+"""The population loop: K members of one shape trained by one batched step (popmodel, popoptim), each member
+otherwise an ordinary run: its own data order (its Batcher, drawn as `dlbase train` draws it), validation split,
+monitor, early stop, NaN guard, checkpoints, metrics.csv, TensorBoard events and plots, in its own run folder.
+Members that stop (early, pruned, diverged) leave the population at the boundary where they stop."""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from dlbase import checkpoint, rundir
+from dlbase.backprop import layer_norms
+from dlbase.config import Config, to_dict, to_yaml
+from dlbase.data import Batcher, DeviceSplit
+from dlbase.engine import Plan, _autocast
+from dlbase.evaluate import evaluate
+from dlbase.loss import build_eval_loss
+from dlbase.model import MLP, build_model, standardizes
+from dlbase.optim import build_optimizer, build_schedule
+from dlbase.popmodel import StackedMLP, activation_bytes_per_member, clip_grad_norms, member_losses
+from dlbase.popoptim import PopOptimizer
+from dlbase.population import MemberResult, PopulationData
+from dlbase.preempt import Preemption
+from dlbase.state import Monitor
+from dlbase.train import seed_everything, step_losses
+
+EXIT_DIVERGED = 3  # TrainingDiverged's exit code
+
+
+@dataclass
+class Member:
+    """One member's own side of the run: what train()'s Trainer keeps for a single run."""
+    cfg: Config
+    model: MLP  # its own MLP: the stacked weights are copied in at boundaries (validation, checkpoints)
+    optimizer: torch.optim.Optimizer  # its own torch optimiser, only to write its state in torch's format
+    batcher: Batcher
+    val: Optional[DeviceSplit]
+    monitor: Monitor
+    torch_rng: torch.Tensor  # the global RNG state a lone run of this config holds after building its model
+    folder: Path
+    on_epoch: Optional[Callable[[int, dict], bool]] = None
+    rows: list = field(default_factory=list)
+    events: object = None
+    status: str = "running"  # running | finished | early_stopped | pruned | preempted | diverged
+    epoch_rng: Optional[torch.Tensor] = None
+    epochs_done: int = 0
+    steps_done: int = 0
+
+
+class Population:
+    """`Population(configs, ...).fit()` trains the members together and returns one MemberResult per config."""
+
+    def __init__(self, configs: Sequence[Config], folders: Sequence[Optional[Path]],
+                 folds: Sequence[Optional[tuple[int, int]]], data: PopulationData, device: torch.device,
+                 run_plan: Plan, log: Callable[[str], None] = print,
+                 on_epoch: Sequence[Optional[Callable[[int, dict], bool]]] = ()):
+        self.configs, self.data, self.device, self.plan, self.log = list(configs), data, device, run_plan, log
+        cfg = configs[0]
+        self.B = cfg.train.batch_size
+        members, train_idx = [], []
+        for i, c in enumerate(configs):  # each member set up exactly as a lone train() sets it up
+            seed_everything(c.seed)
+            model = build_model(c, data.input_shape, device)
+            idx, val = data.member_split(c, folds[i])
+            if standardizes(c):
+                model.encoding.set_stats(data.x.index_select(0, idx))  # the same tensor a lone run's train.x is
+            members.append(Member(c, model, build_optimizer(model.parameters(), c.optim, device),
+                                  Batcher(idx.shape[0], self.B, device, c.seed), val, Monitor(c, val is not None),
+                                  torch.get_rng_state(), Path(), on_epoch[i] if on_epoch else None))
+            train_idx.append(idx)
+        sizes = sorted({t.shape[0] for t in train_idx})
+        if len(sizes) > 1:
+            from dlbase.errors import ConfigError
+            raise ConfigError(f"population: members train on {sizes} samples; one population needs one training-set "
+                              f"size (folds of equal size: a data.subset that the fold count divides)")
+        n = sizes[0]
+        self.n_used = n - 1 if cfg.model.norm == "batch" and n % self.B == 1 and n > 1 else n
+        self.steps_per_epoch = -(-self.n_used // self.B)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        self.schedules = [build_schedule(c.schedule, c.optim.lr, self.steps_per_epoch, self.total_steps)
+                          for c in configs]
+        self.members = members  # the members still training, in the order of the stacked axis
+        self.all = list(members)
+        self.train_idx = torch.stack(train_idx)  # (K, N) each member's training samples, indices into data.x
+        self.net = StackedMLP([m.model for m in members], [c.model for c in configs])
+        lr_table = torch.tensor([s.table() for s in self.schedules], dtype=torch.float64, device=device)  # (K, T)
+        self.opt = PopOptimizer(self.net.params, [c.optim for c in configs], lr_table)
+        smooth = [c.train.label_smoothing for c in configs]
+        self.smoothing = torch.tensor(smooth, device=device) if any(smooth) else None  # (K,)
+        clips = [c.train.grad_clip for c in configs]
+        self.clip = (torch.tensor([c if c is not None else math.inf for c in clips], device=device)
+                     if any(c is not None for c in clips) else None)  # (K,)
+        self.eval_loss = build_eval_loss(cfg.train.loss, cfg.model.output)
+        K = len(members)
+        self.loss_sum = torch.zeros(K, device=device)  # (K,) summed per-sample training loss, this epoch
+        self.ce_sum = torch.zeros(K, device=device)  # (K,) the same for the plain cross-entropy
+        self.log_every = min(c.train.log_every for c in configs)
+        self.epoch = self.step = self.batch = 0
+        self.train_seconds = 0.0
+        for m, folder in zip(members, folders):  # last: every check has passed, now claim the folders
+            if folder is None:
+                m.folder = rundir.new_run_dir(m.cfg.checkpoint.dir, m.cfg.name)
+            else:
+                m.folder = Path(folder)
+                rundir.check_writable(m.folder)
+                rundir.claim_existing(m.folder)
+
+    def _say(self, m: Member, line: str) -> None:
+        self.log(f"[{m.cfg.name}] {line}")
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> list[MemberResult]:
+        K0 = len(self.members)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.log(f"population: {K0} members of one shape ({self.configs[0].model.hidden}, {self.configs[0].optim.name}, "
+                 f"batch {self.B}) in one step on {self.device}; {self.steps_per_epoch} steps per epoch; run folders: "
+                 f"{', '.join(str(m.folder) for m in self.members)}")
+        try:
+            for m in self.members:
+                rundir.write_atomic(m.folder / "config.yaml", to_yaml(m.cfg), "config.yaml")
+                if m.cfg.train.tensorboard:
+                    from dlbase.tblog import open_events
+                    m.events = open_events(m.folder, m.cfg, 0, self.log)
+            with Preemption() as self.preempt:
+                while self.step < self.total_steps and self.members:
+                    if self._train_epoch():
+                        self._end_epoch()
+            self.peak_bytes = self._peak_bytes(K0)
+            return [self._finish(m) for m in self.all]
+        finally:
+            for m in self.all:
+                if m.events is not None:
+                    m.events.close()
+                rundir.remove_if_empty(m.folder)
+
+    def _train_epoch(self) -> bool:
+        """Train the epoch in progress to its end, stopping at mid-epoch checkpoints (and there on a signal)."""
+        every = self.configs[0].checkpoint.every_steps
+        if self.batch == 0:
+            for m in self.members:
+                m.epoch_rng = m.batcher.generator.get_state()  # before this epoch's draw
+        t0 = time.perf_counter()
+        perms = torch.stack([m.batcher.perm()[:self.n_used] for m in self.members])  # (K, N) each member's order
+        self._order = self.train_idx.gather(1, perms)  # (K, N) indices into data.x; batch b: [:, b*B:(b+1)*B]
+        n_steps = min(self.steps_per_epoch, self.batch + self.total_steps - self.step)
+        self._seen = min(self.n_used, n_steps * self.B)
+        self._snap_list, self._snap_steps, self._snap_from = [], [], (self.step - self.batch, self.batch)
+        while self.batch < n_steps:
+            stop = n_steps if every is None else min(n_steps, self.batch + every - (self.step % every))
+            while self.batch < stop and not self.preempt.requested:  # a host flag: no sync
+                self._step(self._order[:, self.batch * self.B:(self.batch + 1) * self.B])
+                self.batch += 1
+                self.step += 1
+                if self.step % self.log_every == 0:
+                    self._snap_list.append(self.loss_sum.clone())  # (K,) device copy, read at the epoch's sync
+                    self._snap_steps.append(self.step)
+            if self.batch < n_steps:  # a mid-epoch boundary: every_steps reached, or asked to stop
+                self.train_seconds += time.perf_counter() - t0
+                if not self._guard(self.loss_sum.tolist()):  # note: sync, at a checkpoint boundary
+                    return False
+                for k, m in enumerate(self.members):
+                    self._save(m, k, "last.ckpt", {})
+                if self.preempt.requested:
+                    for m in self.members:
+                        m.status = "preempted"
+                    self._drop()
+                    return False
+                t0 = time.perf_counter()
+        self._snaps = torch.stack(self._snap_list) if self._snap_list else None  # (n_snaps, K)
+        self._t0 = t0
+        return True
+
+    def _step(self, ids: torch.Tensor) -> None:
+        """One step of every member: ids (K, b) its samples. Gather, forward, loss, backward, clip, update, and
+        the loss sums: device work only."""
+        K, b = ids.shape
+        flat = ids.reshape(-1)
+        x = self.data.x.index_select(0, flat).view(K, b, -1)  # (K, b, D)
+        y = self.data.y.index_select(0, flat).view(K, b)  # (K, b)
+        with _autocast(self.plan, self.device):
+            logits = self.net.forward(x)  # (K, b, C)
+        cfg = self.configs[0]
+        losses, ce = member_losses(logits, y, cfg.train.loss, cfg.model.output, self.smoothing)  # (K,), (K,)
+        for p in self.net.params:
+            p.grad = None
+        losses.sum().backward()  # members share no parameter: each gets its own loss's gradient
+        if self.clip is not None:
+            clip_grad_norms(self.net.params, self.clip)
+        self.opt.step()
+        self.loss_sum.add_(losses.detach(), alpha=b)
+        if self.smoothing is not None:
+            self.ce_sum.add_(ce.detach(), alpha=b)
+
+    def _end_epoch(self) -> None:
+        """The epoch's one sync, then each member's validation, metrics row, monitor and checkpoints."""
+        K = len(self.members)
+        parts = [self.loss_sum, self.ce_sum] + ([self._snaps.flatten()] if self._snaps is not None else [])
+        read = torch.cat(parts).tolist()  # note: sync, per epoch
+        sums, ce_sums, snaps = read[:K], read[K:2 * K], read[2 * K:]
+        self.loss_sum.zero_()
+        self.ce_sum.zero_()
+        train_seconds = time.perf_counter() - self._t0
+        self.train_seconds += train_seconds
+        self.epoch, self.batch = self.epoch + 1, 0
+        if not self._guard(sums):
+            return
+        sums = [s for s, m in zip(sums, self._was) if m.status == "running"]
+        signalled = self.preempt.requested
+        for k, m in enumerate(self.members):
+            c = m.cfg
+            train_loss = sums[k] / max(1, self._seen)
+            plain = c.train.loss == "cross_entropy" and c.train.label_smoothing > 0
+            self.net.to_member(k, m.model)
+            val = evaluate(m.model, m.val, self.eval_loss) if m.val is not None else None
+            lr = self.schedules[self.all.index(m)](self.step - 1)
+            norms = layer_norms(m.model)
+            metrics = {"train_loss": train_loss,
+                       **({"train_ce": ce_sums[self._was.index(m)] / max(1, self._seen)} if plain else {}),
+                       **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]} if val else {}),
+                       "lr": lr, "seconds": time.perf_counter() - self._t0, "train_seconds": train_seconds, **norms}
+            improved = m.monitor.update(metrics, self.epoch)
+            m.epochs_done, m.steps_done = self.epoch, self.step
+            payload = self._payload(m, k, metrics)
+            m.rows.append(rundir.metrics_row(self.epoch, self.step, metrics))
+            if improved:  # best, then metrics, then last: as train() orders them
+                checkpoint.save(m.folder / "best.ckpt", payload)
+            rundir.write_metrics(m.folder / "metrics.csv", m.rows)
+            checkpoint.save(m.folder / "last.ckpt", payload)
+            if m.events is not None:
+                mine = self._was.index(m)
+                own = [row[mine] for row in _rows(snaps, len(self._was))]
+                m.events.epoch(self.epoch, self.step, metrics, step_losses(
+                    self._snap_steps, own, 0.0, self._snap_from, self.B, self.n_used))
+            val_text = f"  val_loss {val['loss']:.4f}  val_acc {100 * val['accuracy']:.2f}%" if val else ""
+            self._say(m, f"epoch {self.epoch}  train_loss {train_loss:.4f}{val_text}  lr {lr:.3g}"
+                         f"{'  *best' if improved else ''}")
+            if m.monitor.should_stop:
+                self._say(m, f"early stop: no {m.monitor.metric} improvement for {m.monitor.bad_epochs} epochs "
+                             f"(train.early_stop.patience={m.monitor.patience})")
+                m.status = "early_stopped"
+            elif signalled:
+                m.status = "preempted"
+            elif m.on_epoch is not None and self.step < self.total_steps and m.on_epoch(self.epoch, metrics):
+                self._say(m, f"pruned after epoch {self.epoch}: the sweep's pruner stopped this trial")
+                m.status = "pruned"
+        self._drop()
+
+    # ------------------------------------------------------------------ members leaving
+    def _guard(self, sums: list[float]) -> bool:
+        """The NaN guard per member: a member whose loss sum is not finite is stopped (status.json: diverged,
+        nothing of this epoch saved), the others go on. False when no member is left."""
+        self._was = list(self.members)
+        for s, m in zip(sums, self._was):
+            if not math.isfinite(s):
+                m.status = "diverged"
+                kept = ("last.ckpt and best.ckpt keep its last finite weights" if (m.folder / "last.ckpt").exists()
+                        else "no checkpoint had been written yet")
+                epoch = self.epoch if self.batch == 0 else self.epoch + 1  # end of epoch: already counted
+                self._say(m, f"training loss became non-finite in epoch {epoch} "
+                             f"(detected at step {self.step}); this member is stopped, the others go on; {kept}; "
+                             f"lower optim.lr or set train.grad_clip")
+                self._mark(m, "diverged")
+        if any(m.status != "running" for m in self.members):
+            self._drop()
+        return bool(self.members)
+
+    def _drop(self) -> None:
+        """Members no longer running leave the stacked axis: every (K, ...) tensor is cut to the rest."""
+        keep = [k for k, m in enumerate(self.members) if m.status == "running"]
+        if len(keep) == len(self.members):
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.net.keep(idx)
+        self.opt.keep(idx, self.net.params)
+        self.train_idx = self.train_idx.index_select(0, idx)
+        if self.batch:  # mid-epoch: this epoch's order and loss snapshots lose the same rows
+            self._order = self._order.index_select(0, idx)
+            self._snap_list = [s.index_select(0, idx) for s in self._snap_list]
+        self.loss_sum, self.ce_sum = self.loss_sum.index_select(0, idx), self.ce_sum.index_select(0, idx)
+        if self.smoothing is not None:
+            self.smoothing = self.smoothing.index_select(0, idx)
+        if self.clip is not None:
+            self.clip = self.clip.index_select(0, idx)
+        self.members = [self.members[k] for k in keep]
+
+    # ------------------------------------------------------------------ files
+    def _payload(self, m: Member, k: int, metrics: dict) -> checkpoint.Payload:
+        """Member k's checkpoint, as a lone run of its config would write it at this position (its model must
+        hold the stacked weights: to_member first)."""
+        rng = {"torch": m.torch_rng, "batcher": m.epoch_rng if self.batch else m.batcher.generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        out: checkpoint.Payload = {
+            "format_version": checkpoint.FORMAT_VERSION, "config": to_dict(m.cfg),
+            "input_shape": list(self.data.input_shape),
+            # note: device-to-host copies (a sync), only at a checkpoint
+            "model": checkpoint.strip_prefixes({n: v.detach().cpu() for n, v in m.model.state_dict().items()}),
+            "optimizer": self.opt.torch_state_dict(k, m.optimizer),
+            "epoch": self.epoch, "step": self.step, "steps_per_epoch": self.steps_per_epoch, "metrics": metrics,
+            "best": m.monitor.state(), "rng": rng}
+        if self.batch:
+            loss_sum, ce_sum = self.loss_sum[k].item(), self.ce_sum[k].item()  # note: sync, at a checkpoint
+            out["in_epoch"] = {"batch": self.batch, "loss_sum": loss_sum, "ce_sum": ce_sum}
+        return out
+
+    def _save(self, m: Member, k: int, name: str, metrics: dict) -> None:
+        self.net.to_member(k, m.model)
+        m.epochs_done, m.steps_done = self.epoch, self.step
+        checkpoint.save(m.folder / name, self._payload(m, k, metrics))
+
+    def _mark(self, m: Member, status: str) -> None:
+        rundir.write_atomic(m.folder / "status.json", json.dumps({"status": status, "step": self.step}), "status")
+
+    def _finish(self, m: Member) -> MemberResult:
+        """Each member's end, as train()'s: status.json, its HParams, the eval line, its plots."""
+        if m.status == "running":
+            m.status = "finished"
+        code = {"preempted": self.preempt.exit_code, "diverged": EXIT_DIVERGED}.get(m.status, 0)
+        result = MemberResult(m.folder, m.epochs_done, m.monitor.metric, m.monitor.value, m.monitor.epoch,
+                              m.rows[-1] if m.rows else {}, self.train_seconds, m.status, code,
+                              self.peak_bytes, len(self.all))
+        if m.status != "diverged":
+            self._mark(m, m.status)
+        if m.events is not None and m.status != "diverged":
+            m.events.finish(result)
+        if m.status == "preempted":
+            self._say(m, f"stopped by {signal.Signals(self.preempt.signum).name} at step {m.steps_done} (epoch "
+                         f"{m.epochs_done}); to go on: dlbase train --resume {rundir.quote(m.folder / 'last.ckpt')}")
+        elif (m.folder / "best.ckpt").exists():
+            self._say(m, f"{m.status}: {m.monitor.describe()} -> {m.folder / 'best.ckpt'}; test it: dlbase eval "
+                         f"{rundir.quote(m.folder / 'best.ckpt')}")
+        if m.rows and m.status != "preempted":
+            from dlbase.report import plot_run
+            plot_run(m.folder)
+        return result
+
+    def _peak_bytes(self, k0: int) -> int:
+        """Peak memory per member: on CUDA the allocator's peak over the population; on the CPU (where the
+        allocator keeps no peak) the stacked weights, gradients, optimiser state and one step's activations."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) // k0
+        K = max(1, self.net.K)
+        weights = sum(p.numel() * p.element_size() for p in self.net.params)
+        state = sum(t.numel() * t.element_size() for ts in self.opt.state.values() for t in ts)
+        return (2 * weights + state + self.net.nbytes() - weights) // K + activation_bytes_per_member(
+            self.configs[0].model, self.net.encoding.out_features, self.B)
+
+
+def _rows(flat: list[float], width: int) -> list[list[float]]:
+    """A flattened (n, width) table back into its rows."""
+    return [flat[i:i + width] for i in range(0, len(flat), width)]
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,262 @@
+"""Population training, the entry points: which configs can train together (same_shape, group_by_shape), how many
+fit in memory (choose_k), the one device-resident dataset they share, train_population() for a list of configs
+(a sweep's trials, k-fold members) and train_seeds() for one config over several seeds. The loop that trains a
+population is dlbase/poptrain.py; its model and optimisers are popmodel.py and popoptim.py."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from dlbase.config import Config, to_dict
+from dlbase.data import DeviceSplit, _read_checked, normalize, split_indices
+from dlbase.errors import ConfigError, DataError, TrainingDiverged
+from dlbase.popmodel import activation_bytes_per_member, state_bytes_per_member
+from dlbase.popoptim import STATE_KEYS
+from dlbase.train import RunResult
+
+# The keys that must agree for configs to share one stacked model and one step (dotted, as in a config file).
+# Everything else (lr and schedule, weight decay, momentum, betas, eps, alpha, rho, dropout, label smoothing,
+# grad clip, init, seed, early stopping, names and folders) may differ per member.
+SHAPE_KEYS = ("device", "data", "model.hidden", "model.activation", "model.norm", "model.output",
+              "model.encoding.name", "model.encoding.num_freqs", "model.encoding.include_input", "optim.name",
+              "train.epochs", "train.max_steps", "train.batch_size", "train.loss", "train.engine",
+              "train.precision", "train.compile", "checkpoint.every_steps")
+MEMORY_FRACTION = 0.5  # of the free device memory (or available RAM) that choose_k plans to fill
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def same_shape(a: Config, b: Config) -> list[str]:
+    """The SHAPE_KEYS on which a and b differ, as 'key (a's value vs b's)'; [] when they can train together."""
+    da, db = to_dict(a), to_dict(b)
+    return [f"{k} ({_get(da, k)!r} vs {_get(db, k)!r})" for k in SHAPE_KEYS if _get(da, k) != _get(db, k)]
+
+
+def group_by_shape(configs: Sequence[Config]) -> list[list[int]]:
+    """Indices of configs, grouped so that each group can be one population (first-seen order kept)."""
+    groups: list[list[int]] = []
+    for i, cfg in enumerate(configs):
+        for g in groups:
+            if not same_shape(configs[g[0]], cfg):
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def check_population(configs: Sequence[Config], folds: Optional[Sequence] = None,
+                     folders: Optional[Sequence] = None) -> None:
+    """One ConfigError, one line, for anything that stops these configs training as one population."""
+    if not configs:
+        raise ConfigError("population: no configs to train")
+    for name, given in (("folds", folds), ("folders", folders)):
+        if given is not None and len(given) != len(configs):
+            raise ConfigError(f"population: {len(given)} {name} for {len(configs)} configs; give one per config")
+    for i, cfg in enumerate(configs[1:], 1):
+        diff = same_shape(configs[0], cfg)
+        if diff:
+            raise ConfigError(f"population: member {i} ({cfg.name}) differs from member 0 ({configs[0].name}) in "
+                              f"{'; '.join(diff)}; members must share these keys ({', '.join(SHAPE_KEYS)}); "
+                              f"group them with dlbase.population.group_by_shape")
+    cfg = configs[0]
+    if cfg.train.engine != "autograd":
+        raise ConfigError(f"train.engine: {cfg.train.engine} is not supported in a population (its batched step "
+                          f"uses autograd); use autograd")
+    if cfg.train.compile not in ("auto", "none"):
+        raise ConfigError(f"train.compile: {cfg.train.compile} is not supported in a population (it runs its own "
+                          f"batched eager step); use auto or none")
+    names = [c.name for c in configs]
+    if folders is None and len(set(names)) < len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"name: {dup!r} names two members; give each its own name (or pass folders)")
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes to plan with: the CUDA device's free memory, or the host's available RAM (MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def bytes_per_member(cfg: Config, input_shape: tuple[int, int] = (28, 28)) -> int:
+    """A member's planned footprint: parameters, gradients, optimiser state and one step's activations."""
+    from dlbase.model import MLP, standardizes
+    with torch.device("meta"):  # shapes only: no memory, no RNG
+        model = MLP(cfg.model, input_shape[0] * input_shape[1], standardize=standardizes(cfg))
+    d_in = model.encoding.out_features
+    return (state_bytes_per_member(model, len(STATE_KEYS[cfg.optim.name]))
+            + activation_bytes_per_member(cfg.model, d_in, cfg.train.batch_size))
+
+
+def choose_k(cfg: Config, device: torch.device, max_members: Optional[int] = None,
+             free_bytes: Optional[int] = None, input_shape: tuple[int, int] = (28, 28)) -> int:
+    """How many members of cfg's shape to train at once: MEMORY_FRACTION of the free memory (free_bytes, else
+    measured) over bytes_per_member, at least 1, at most max_members."""
+    free = available_memory(device) if free_bytes is None else free_bytes
+    k = max(1, int(free * MEMORY_FRACTION) // bytes_per_member(cfg, input_shape))
+    return min(k, max_members) if max_members else k
+
+
+# ----------------------------------------------------------------------------- the shared data
+
+
+@dataclass
+class PopulationData:
+    """The training set (the subset), once on the device, normalised once: x (N, D), y (N,); members gather
+    their batches from it by index. test: the test split."""
+    x: torch.Tensor
+    y: torch.Tensor
+    test: DeviceSplit
+    input_shape: tuple[int, int]
+    folder: Path
+
+    def member_split(self, cfg: Config, fold: Optional[tuple[int, int]]) -> tuple[torch.Tensor, Optional[DeviceSplit]]:
+        """Member cfg's training indices (N_k,) into x, on the device, and its validation split: cut exactly as
+        load_dataset cuts them when the member trains alone (its seed, data.val_size or its fold)."""
+        n = self.x.shape[0]
+        if fold is None and cfg.data.val_size >= n:
+            raise DataError(f"data.val_size: {cfg.data.val_size} leaves no training samples out of {n}"
+                            f"{' (data.subset)' if cfg.data.subset is not None else ''}; use a value below {n}")
+        train_idx, val_idx = split_indices(n, cfg.seed, cfg.data.val_size, fold)
+        if train_idx is None:
+            return torch.arange(n, device=self.x.device), None
+        val_idx = val_idx.to(self.x.device)
+        return train_idx.to(self.x.device), DeviceSplit(self.x.index_select(0, val_idx), self.y.index_select(0, val_idx))
+
+
+def load_population_data(cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> PopulationData:
+    """Read and check the files of cfg.data once; the (subset of the) training set and the test set to the device."""
+    folder, train, test = _read_checked(cfg.data)
+    x, y = train.images, train.labels
+    if cfg.data.subset is not None:
+        x, y = x[:cfg.data.subset], y[:cfg.data.subset]
+    h, w = train.images.shape[1:]
+    return PopulationData(normalize(x.reshape(x.shape[0], h * w).to(device), dtype), y.to(device),
+                          DeviceSplit(normalize(test.images.reshape(-1, h * w).to(device), dtype),
+                                      test.labels.to(device)),
+                          (int(h), int(w)), folder)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+@dataclass
+class MemberResult(RunResult):
+    """A RunResult, plus what the population measured: peak memory per member (bytes; on CUDA the allocator's
+    peak over the members, on the CPU the stacked state and one step's activations) and the population size."""
+    peak_bytes: int = 0
+    population: int = 1
+
+
+def train_population(configs: Sequence[Config], folders: Optional[Sequence[Optional[Path]]] = None,
+                     folds: Optional[Sequence[Optional[tuple[int, int]]]] = None, log: Callable[[str], None] = print,
+                     on_epoch: Optional[Sequence[Optional[Callable[[int, dict], bool]]]] = None,
+                     max_members: Optional[int] = None) -> list[MemberResult]:
+    """Train configs of one shape (same_shape) as populations of at most choose_k members (or max_members), in
+    order; returns one result per config, in the configs' order. folders: each member's run folder (None: a new
+    <checkpoint.dir>/<name>[-N]); folds: each member's (fold, folds) of k-fold cross-validation (None: its
+    data.val_size split); on_epoch: per member, as train()'s: (epoch, metrics) -> True to prune it."""
+    from dlbase.engine import plan_run, resolve_device
+    from dlbase.poptrain import Population
+    check_population(configs, folds, folders)
+    device = resolve_device(configs[0].device)
+    run_plan = plan_run(configs[0], device)
+    data = load_population_data(configs[0], device, run_plan.data_dtype)
+    k = choose_k(configs[0], device, max_members, input_shape=data.input_shape)
+    n = len(configs)
+    pick = lambda seq, i: seq[i] if seq is not None else None  # noqa: E731
+    results: list[MemberResult] = []
+    for start in range(0, n, k):
+        idx = range(start, min(n, start + k))
+        if k < n:
+            log(f"population: members {start + 1}-{idx[-1] + 1} of {n} (at most {k} at once)")
+        pop = Population([configs[i] for i in idx], [pick(folders, i) for i in idx], [pick(folds, i) for i in idx],
+                         data, device, run_plan, log, [pick(on_epoch, i) for i in idx])
+        results += pop.fit()
+        if any(r.status == "preempted" for r in results):
+            break  # a signal stops the whole call: later chunks have not started
+    return results
+
+
+@dataclass
+class SeedSummary:
+    """train_seeds()'s outcome: each seed's result, and the mean and standard deviation (None for one seed) of
+    the best validation metric and, with test, of test accuracy."""
+    results: list[MemberResult]
+    metric: str
+    best_mean: float
+    best_sd: Optional[float]
+    test: list[float]
+    test_mean: Optional[float] = None
+    test_sd: Optional[float] = None
+
+    def lines(self) -> list[str]:
+        pct = self.metric.endswith("accuracy")
+        fmt = (lambda v: f"{100 * v:.2f}%") if pct else (lambda v: f"{v:.4f}")  # noqa: E731
+        sd = (lambda v: f" ± {100 * v:.2f}") if pct else (lambda v: f" ± {v:.4f}")  # noqa: E731
+        n = len(self.results)
+        out = [f"{n} seeds: best {self.metric} {fmt(self.best_mean)}"
+               f"{sd(self.best_sd) if self.best_sd is not None else ' (one seed: no spread)'} (mean ± sd)"]
+        if self.test_mean is not None:
+            out.append(f"{n} seeds: test accuracy {100 * self.test_mean:.2f}%"
+                       f"{f' ± {100 * self.test_sd:.2f}' if self.test_sd is not None else ''} (mean ± sd, best.ckpt "
+                       f"of each)")
+        return out
+
+
+def seed_configs(cfg: Config, seeds: Sequence[int]) -> list[Config]:
+    """cfg once per seed, each named <name>-seed<s> (its own run folder under checkpoint.dir)."""
+    if len(set(seeds)) < len(seeds):
+        dup = next(s for s in seeds if list(seeds).count(s) > 1)
+        raise ConfigError(f"--seeds: seed {dup} is listed twice; each seed is one run")
+    if not seeds:
+        raise ConfigError("--seeds: no seeds given; give a count (3) or a list (0,1,2)")
+    return [dataclasses.replace(cfg, seed=s, name=f"{cfg.name}-seed{s}") for s in seeds]
+
+
+def train_seeds(cfg: Config, seeds: Sequence[int], test: bool = False, log: Callable[[str], None] = print,
+                max_members: Optional[int] = None) -> SeedSummary:
+    """Train cfg once per seed as one population (each seed its own run folder <name>-seed<s>), then print the
+    mean ± standard deviation of the best validation metric and, with test, of each best.ckpt's test accuracy."""
+    configs = seed_configs(cfg, seeds)
+    results = train_population(configs, log=log, max_members=max_members)
+    done = [r for r in results if r.status not in ("diverged",) and math.isfinite(r.best_value)]
+    if not done:
+        raise TrainingDiverged("--seeds: every seed diverged; nothing to summarise (lower optim.lr or set "
+                               "train.grad_clip)")
+    best = [r.best_value for r in done]
+    summary = SeedSummary(results, done[0].best_metric, statistics.fmean(best),
+                          statistics.stdev(best) if len(best) > 1 else None, [])
+    if test:
+        summary.test = [test_accuracy(r.folder) for r in done]
+        summary.test_mean = statistics.fmean(summary.test)
+        summary.test_sd = statistics.stdev(summary.test) if len(summary.test) > 1 else None
+    for line in summary.lines():
+        log(line)
+    return summary
+
+
+def test_accuracy(folder: Path) -> float:
+    """Test accuracy of a run folder's best.ckpt (last.ckpt when it has none), as `dlbase eval` measures it."""
+    from dlbase.evaluate import evaluate_checkpoint
+    ckpt = folder / "best.ckpt" if (folder / "best.ckpt").exists() else folder / "last.ckpt"
+    return float(evaluate_checkpoint(ckpt, "test")["accuracy"])

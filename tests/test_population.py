@@ -1,0 +1,362 @@
+"""Population training (dlbase/population.py, poptrain.py, popmodel.py, popoptim.py) against its oracles: each
+member against the same config trained alone by train(), the stacked optimisers against torch.optim, the run
+folders against what eval, export, predict and --resume read."""
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dlbase import checkpoint
+from dlbase.cli import app
+from dlbase.config import load_config
+from dlbase.errors import ConfigError
+from dlbase.optim import build_optimizer
+from dlbase.popoptim import PopOptimizer
+from dlbase.population import (bytes_per_member, choose_k, group_by_shape, same_shape, train_population,
+                               train_seeds)
+from dlbase.schema import OPTIM_INFO, OptimConfig
+from dlbase.train import train
+
+from conftest import REPO, StopAt
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TOL = 1e-5
+
+
+def quiet(line):
+    pass
+
+
+PLOTTING = ("test_member_folders_work_with_eval_export_predict_and_resume",)
+
+
+@pytest.fixture(autouse=True)
+def no_plots(request, monkeypatch):
+    """curves.png and gradnorms.png cost matplotlib ~1.5 s per run folder, both ways (train() and a population
+    call the same dlbase.report.plot_run): drawn only in the test that checks the folder's files."""
+    if request.node.originalname not in PLOTTING:
+        monkeypatch.setattr("dlbase.report.plot_run", lambda folder: [])
+
+
+@pytest.fixture
+def base(tmp_path, tiny_data):
+    """Tiny and fast: 240 training samples (60 validate), hidden [16], 2 epochs of 5 steps, no TensorBoard."""
+    cfg = tmp_path / "pop.yaml"
+    cfg.write_text(f"""
+name: p
+device: cpu
+data: {{root: {tiny_data}, download: false, val_size: 60, subset: 300}}
+model: {{hidden: [16]}}
+train: {{epochs: 2, batch_size: 48, tensorboard: false}}
+checkpoint: {{dir: {tmp_path / 'ckpt'}}}
+""")
+    return load_config(cfg)
+
+
+def vary(cfg, name, **sections):
+    """cfg renamed, with some sections' fields replaced: vary(c, "a", optim={"lr": 0.1})."""
+    out = dataclasses.replace(cfg, name=name)
+    for section, fields in sections.items():
+        if section == "top":
+            out = dataclasses.replace(out, **fields)
+        elif section == "early_stop":
+            out = dataclasses.replace(out, train=dataclasses.replace(
+                out.train, early_stop=dataclasses.replace(out.train.early_stop, **fields)))
+        else:
+            out = dataclasses.replace(out, **{section: dataclasses.replace(getattr(out, section), **fields)})
+    return out
+
+
+def losses(folder):
+    rows = (folder / "metrics.csv").read_text().splitlines()[1:]
+    return [float(r.split(",")[2]) for r in rows]
+
+
+def assert_same_run(member_folder, alone_folder, tol=TOL):
+    """Per-epoch training losses and final weights of two run folders agree to tol."""
+    la, lb = losses(member_folder), losses(alone_folder)
+    assert len(la) == len(lb) and all(abs(a - b) <= tol for a, b in zip(la, lb)), (la, lb)
+    a, b = checkpoint.load(member_folder / "last.ckpt")["model"], checkpoint.load(alone_folder / "last.ckpt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=tol, rtol=0), (k, (a[k] - b[k]).abs().max())
+
+
+def alone(cfg):
+    return train(dataclasses.replace(cfg, name=cfg.name + "_alone"), log=quiet).folder
+
+
+# ----------------------------------------------------------------------------- members equal lone runs
+
+
+@pytest.mark.parametrize("optim", list(OPTIM_INFO))
+def test_member_equals_lone_run_for_every_optimiser(base, optim):
+    """Two members with their own seed, lr, weight decay and optimiser constants; each equals train() alone."""
+    lr = OPTIM_INFO[optim].default_lr
+    cfgs = [vary(base, "a", top={"seed": 1}, optim={"name": optim, "lr": lr, "weight_decay": 0.0}),
+            vary(base, "b", top={"seed": 2}, optim={"name": optim, "lr": lr * 3, "weight_decay": 0.01,
+                                                    "momentum": 0.8, "betas": (0.8, 0.99), "eps": 1e-6,
+                                                    "alpha": 0.9, "rho": 0.8})]
+    results = train_population(cfgs, log=quiet)
+    assert [r.status for r in results] == ["finished", "finished"]
+    for cfg, r in zip(cfgs, results):
+        assert_same_run(r.folder, alone(cfg))
+
+
+def test_member_equals_lone_run_for_every_schedule(base):
+    """One member per schedule kind (each with warm-up) in one population; each equals train() alone."""
+    kinds = [("constant", {}), ("step", {"step_size": 1, "gamma": 0.5}), ("multistep", {"milestones": (1,)}),
+             ("exponential", {"gamma": 0.7}), ("cosine", {"min_lr": 1e-4}), ("onecycle", {"pct_start": 0.4})]
+    cfgs = [vary(base, name, top={"seed": i}, schedule={"name": name, "warmup_steps": 2 * (i % 2), **extra},
+                 optim={"lr": 0.003})
+            for i, (name, extra) in enumerate(kinds)]
+    for cfg, r in zip(cfgs, train_population(cfgs, log=quiet)):
+        assert_same_run(r.folder, alone(cfg))
+
+
+@pytest.mark.parametrize("model", [{"norm": "batch"}, {"norm": "layer", "activation": "tanh"},
+                                   {"encoding": {"name": "learned", "num_freqs": 2}},
+                                   {"encoding": {"name": "fourier", "num_freqs": 2}}])
+def test_member_equals_lone_run_across_models_clip_smoothing_init(base, model):
+    """Norms, encodings (learned: trainable, through torch.func), and per member grad clip, label smoothing and
+    init: still equal to train() alone."""
+    from dlbase.schema import EncodingConfig
+    model = dict(model)
+    if "encoding" in model:
+        model["encoding"] = EncodingConfig(**model["encoding"])
+    shared = vary(base, "x", model=model, optim={"name": "momentum", "lr": 0.01})  # adam would amplify
+    # the float noise in the gradient of a bias before batch norm (zero in exact arithmetic) to lr-sized steps
+    cfgs = [vary(shared, "a", top={"seed": 3}, train={"grad_clip": 0.05}),
+            vary(shared, "b", top={"seed": 4}, train={"label_smoothing": 0.1}, model={"init": "xavier_uniform"})]
+    results = train_population(cfgs, log=quiet)
+    for cfg, r in zip(cfgs, results):
+        assert losses(r.folder)[-1] < losses(r.folder)[0]  # it learns (a diverging run would hide differences)
+        assert_same_run(r.folder, alone(cfg))
+    smoothed = (results[1].folder / "metrics.csv").read_text().splitlines()[0]
+    assert "train_ce" in smoothed  # the plain cross-entropy column, as train() writes it with label smoothing
+
+
+def test_dropout_members_match_in_statistics(base):
+    """Dropout masks differ from a lone run's (one RNG stream for all members), so compare statistics: the
+    final loss of a dropout member is close to the lone run's; a dropout-free member beside it is still exact."""
+    cfgs = [vary(base, "drop", top={"seed": 5}, model={"dropout": 0.3}, optim={"lr": 0.01}, train={"epochs": 3}),
+            vary(base, "nodrop", top={"seed": 6}, optim={"lr": 0.01}, train={"epochs": 3})]
+    results = train_population(cfgs, log=quiet)
+    lone = alone(cfgs[0])
+    mine, theirs = losses(results[0].folder), losses(lone)
+    assert mine[-1] < mine[0] and abs(mine[-1] - theirs[-1]) < 0.25 * theirs[-1], (mine, theirs)
+    a, b = checkpoint.load(results[0].folder / "last.ckpt")["model"], checkpoint.load(lone / "last.ckpt")["model"]
+    assert not all(torch.allclose(a[k], b[k], atol=TOL) for k in a)  # the masks did differ
+    assert_same_run(results[1].folder, alone(cfgs[1]))
+
+
+# ----------------------------------------------------------------------------- the optimisers against torch's
+
+
+@pytest.mark.parametrize("optim", list(OPTIM_INFO))
+def test_stacked_optimiser_equals_torch(optim):
+    """Three members with their own hyperparameters and lr per step, eight steps of random gradients: each
+    member's stacked slice moves as torch.optim moves its own copy (the oracle), and saves torch's state."""
+    torch.manual_seed(0)
+    K, T = 3, 8
+    cfgs = [OptimConfig(name=optim, lr=OPTIM_INFO[optim].default_lr * (k + 1), weight_decay=0.01 * k,
+                        momentum=0.5 + 0.2 * k, betas=(0.8 + 0.05 * k, 0.99 - 0.005 * k), eps=10.0 ** (-8 + k),
+                        alpha=0.9 + 0.03 * k, rho=0.8 + 0.05 * k) for k in range(K)]
+    lr = torch.tensor([[c.lr * (1 - s / T) for s in range(T)] for c in cfgs], dtype=torch.float64)  # (K, T)
+    shapes = [(4, 5), (4,)]
+    stacked = [torch.randn(K, *s, requires_grad=True) for s in shapes]
+    singles = [[torch.nn.Parameter(p[k].detach().clone()) for p in stacked] for k in range(K)]
+    opts = [build_optimizer(singles[k], cfgs[k]) for k in range(K)]
+    pop = PopOptimizer(stacked, cfgs, lr)
+    for s in range(T):
+        grads = [torch.randn(K, *sh) for sh in shapes]
+        for p, g in zip(stacked, grads):
+            p.grad = g.clone()
+        pop.step()
+        for k in range(K):
+            for group in opts[k].param_groups:
+                group["lr"] = lr[k, s].item()
+            for q, g in zip(singles[k], grads):
+                q.grad = g[k].clone()
+            opts[k].step()
+    for k in range(K):
+        for p, q in zip(stacked, singles[k]):
+            assert torch.allclose(p[k], q, atol=1e-6, rtol=1e-5), (optim, k, (p[k] - q).abs().max())
+        mine, theirs = pop.torch_state_dict(k, build_optimizer(singles[k], cfgs[k])), opts[k].state_dict()
+        assert mine["state"].keys() == theirs["state"].keys()
+        for i, st in theirs["state"].items():
+            assert st.keys() == mine["state"][i].keys()
+            for key in st:
+                assert torch.allclose(mine["state"][i][key], st[key], atol=1e-6, rtol=1e-5), (optim, key)
+
+
+# ----------------------------------------------------------------------------- run folders downstream
+
+
+def test_member_folders_work_with_eval_export_predict_and_resume(base, tmp_path):
+    cfgs = [vary(base, "a", top={"seed": 7}, optim={"lr": 0.01}, train={"epochs": 1, "tensorboard": True}),
+            vary(base, "b", top={"seed": 8}, optim={"lr": 0.02}, train={"epochs": 1, "tensorboard": True})]
+    results = train_population(cfgs, log=quiet)
+    folder = results[0].folder
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.yaml", "metrics.csv", "last.ckpt", "best.ckpt", "status.json", "curves.png",
+            "gradnorms.png"} <= names
+    if __import__("importlib").util.find_spec("tensorboard") is not None:
+        assert any(n.startswith("events.out.tfevents.") for n in names)
+    assert load_config(folder / "config.yaml") == cfgs[0]
+    assert (folder / "metrics.csv").read_text().splitlines()[0].split(",") == [
+        "epoch", "step", "train_loss", "val_loss", "val_accuracy", "lr", "seconds", "train_seconds", "grad_norm_1",
+        "grad_norm_2", "weight_norm_1", "weight_norm_2"]  # the columns train() writes
+    assert json.loads((folder / "status.json").read_text()) == {"status": "finished", "step": 5}
+    runner = CliRunner()
+    r = runner.invoke(app, ["eval", str(folder / "best.ckpt"), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["n"] == 200 and 0.0 <= out["accuracy"] <= 1.0
+    r = runner.invoke(app, ["export", str(folder / "best.ckpt"), "--format", "safetensors"])
+    assert r.exit_code == 0, r.output
+    pil = pytest.importorskip("PIL.Image")
+    png = tmp_path / "digit.png"
+    pil.fromarray((torch.rand(28, 28) * 255).to(torch.uint8).numpy()).save(png)
+    r = runner.invoke(app, ["predict", str(folder / "best.ckpt"), str(png), "--json"])
+    assert r.exit_code == 0 and 0 <= json.loads(r.output.splitlines()[0])["label"] <= 9, r.output
+    # resume the member with dlbase train: it continues, and equals the config trained alone for 2 epochs
+    r = runner.invoke(app, ["train", "--resume", str(folder / "last.ckpt"), "--set", "train.epochs=2"])
+    assert r.exit_code == 0, r.output
+    assert "resuming" in r.output and len(losses(folder)) == 2
+    assert_same_run(folder, alone(vary(cfgs[0], "a2", train={"epochs": 2})))
+
+
+def test_nan_guard_stops_only_the_diverging_member(base):
+    cfgs = [vary(base, "ok", top={"seed": 1}, optim={"name": "sgd", "lr": 0.05}),
+            vary(base, "boom", top={"seed": 2}, optim={"name": "sgd", "lr": 1e6}),
+            vary(base, "ok2", top={"seed": 3}, optim={"name": "sgd", "lr": 0.1})]
+    lines = []
+    results = train_population(cfgs, log=lines.append)
+    assert [r.status for r in results] == ["finished", "diverged", "finished"]
+    assert results[1].exit_code == 3
+    assert json.loads((results[1].folder / "status.json").read_text())["status"] == "diverged"
+    assert any("[boom] training loss became non-finite" in line for line in lines)
+    for i in (0, 2):
+        assert_same_run(results[i].folder, alone(cfgs[i]))
+
+
+def test_early_stopping_is_per_member(base):
+    """One member stops after its patience runs out (min_delta no epoch can beat); the other trains on, and both
+    equal their lone runs (the stopped one leaves the stacked step)."""
+    cfgs = [vary(base, "stops", top={"seed": 1}, optim={"lr": 0.01}, train={"epochs": 4},
+                 early_stop={"patience": 1, "min_delta": 2.0}),
+            vary(base, "goes", top={"seed": 2}, optim={"lr": 0.01}, train={"epochs": 4})]
+    results = train_population(cfgs, log=quiet)
+    assert [r.status for r in results] == ["early_stopped", "finished"]
+    assert results[0].epochs_done == 2 and results[1].epochs_done == 4
+    for cfg, r in zip(cfgs, results):
+        assert_same_run(r.folder, alone(cfg))
+
+
+def test_sigterm_saves_every_member_mid_epoch_and_each_resumes(base, monkeypatch):
+    """A stop request mid-epoch (conftest's StopAt stands in for SIGTERM) saves every member's last.ckpt with
+    its place in the epoch; `dlbase train --resume` of one then ends equal to its uninterrupted lone run."""
+    cfgs = [vary(base, "a", top={"seed": 1}, optim={"lr": 0.01}, train={"epochs": 2}),
+            vary(base, "b", top={"seed": 2}, optim={"lr": 0.02}, train={"epochs": 2})]
+    with monkeypatch.context() as m:
+        m.setattr("dlbase.poptrain.Preemption", StopAt(7))
+        results = train_population(cfgs, log=quiet)
+    assert [r.status for r in results] == ["preempted", "preempted"] and results[0].exit_code == 143
+    for r in results:
+        last = checkpoint.load(r.folder / "last.ckpt")
+        # the stop is asked before each step and at the epoch's end (as train() asks): 5 + 1 steps, then stop
+        assert last["step"] == 6 and last["epoch"] == 1 and last["in_epoch"]["batch"] == 1
+    for cfg, r in zip(cfgs, results):
+        payload = checkpoint.load(r.folder / "last.ckpt")
+        train(cfg, resume=r.folder / "last.ckpt", resume_payload=payload, log=quiet)
+        assert_same_run(r.folder, alone(cfg))
+
+
+# ----------------------------------------------------------------------------- entry points and refusals
+
+
+def test_train_seeds_reports_mean_and_sd(base):
+    lines = []
+    summary = train_seeds(vary(base, "s", optim={"lr": 0.01}), [0, 1], test=True, log=lines.append)
+    names = [r.folder.name for r in summary.results]
+    assert names == ["s-seed0", "s-seed1"]
+    vals = [r.best_value for r in summary.results]
+    assert summary.best_mean == pytest.approx(sum(vals) / 2)
+    assert summary.best_sd == pytest.approx(abs(vals[0] - vals[1]) / math.sqrt(2))
+    runner = CliRunner()
+    tests = [json.loads(runner.invoke(app, ["eval", str(r.folder / "best.ckpt"), "--json"]).output)["accuracy"]
+             for r in summary.results]
+    assert summary.test == pytest.approx(tests)
+    assert any(line.startswith("2 seeds: best val_accuracy") and "±" in line for line in lines)
+    assert any(line.startswith("2 seeds: test accuracy") for line in lines)
+    with pytest.raises(ConfigError, match="listed twice"):
+        train_seeds(base, [1, 1], log=quiet)
+
+
+def test_refuses_members_of_different_shapes(base):
+    other = vary(base, "q", model={"hidden": (8,)})
+    assert same_shape(base, other) == ["model.hidden ((16,) vs (8,))"] or same_shape(base, other)[0].startswith(
+        "model.hidden")
+    with pytest.raises(ConfigError, match=r"member 1 \(q\) differs from member 0 \(p\) in model.hidden") as e:
+        train_population([base, other], log=quiet)
+    assert "\n" not in str(e.value)
+    assert group_by_shape([base, other, vary(base, "r", optim={"lr": 0.5})]) == [[0, 2], [1]]
+    with pytest.raises(ConfigError, match="train.engine"):
+        train_population([vary(base, "m", train={"engine": "manual"})], log=quiet)
+    with pytest.raises(ConfigError, match="2 folds for 1 configs"):
+        train_population([base], folds=[(0, 2), (1, 2)], log=quiet)
+    with pytest.raises(ConfigError, match="names two members"):
+        train_population([base, base], log=quiet)
+    assert not Path(base.checkpoint.dir).exists()  # refused before any run folder was made
+
+
+def test_k_is_bounded_by_memory_and_chunks_agree(base):
+    per = bytes_per_member(base)
+    assert per > 4 * 784 * 16  # at least the first layer's weights
+    assert choose_k(base, torch.device("cpu"), free_bytes=per * 6) == 3  # half of the free memory
+    assert choose_k(base, torch.device("cpu"), free_bytes=per * 6, max_members=2) == 2
+    assert choose_k(base, torch.device("cpu"), free_bytes=1) == 1
+    cfgs = [vary(base, f"k{i}", top={"seed": i}, optim={"lr": 0.01 * (i + 1)}) for i in range(3)]
+    lines = []
+    results = train_population(cfgs, log=lines.append, max_members=2)  # a population of 2, then one of 1
+    assert [r.population for r in results] == [2, 2, 1] and all(r.peak_bytes > 0 for r in results)
+    assert any("members 3-3 of 3" in line for line in lines)
+    folds = train_population([vary(base, f"f{i}", top={"seed": 4}) for i in range(2)], folds=[(0, 2), (1, 2)],
+                             log=quiet)
+    assert all(r.status == "finished" for r in folds)
+    from dlbase.data import load_dataset
+    data = load_dataset(base.data, 4, torch.device("cpu"), fold=(1, 2))
+    assert_same_run(folds[1].folder, train(vary(base, "f1_alone", top={"seed": 4}), dataset=data, log=quiet).folder)
+
+
+def test_population_bench_runs_tiny(tiny_data, tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "population_bench.py"), "--device", "cpu",
+                        "--members", "2", "--epochs", "1", "--subset", "300", "--hidden", "16",
+                        "--data-root", str(tiny_data), "--out", str(tmp_path / "bench"),
+                        "--json", str(tmp_path / "bench.json")],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads((tmp_path / "bench.json").read_text())
+    assert out["members"] == 2 and out["sequential_s"] > 0 and out["population_s"] > 0
+    assert out["ratio"] == pytest.approx(out["sequential_s"] / out["population_s"])
+    assert out["forward"]["baddbmm_ms"] > 0 and out["forward"]["vmap_ms"] > 0
+    assert "ratio" in r.stdout
+
+
+@cuda
+@pytest.mark.cuda
+def test_member_equals_lone_run_on_cuda(base):
+    """fp32 on the GPU: a member equals the lone run (looser: cuBLAS picks other kernels for bmm than mm)."""
+    cfgs = [vary(base, "g1", top={"seed": 1, "device": "cuda"}, train={"precision": "fp32"}, optim={"lr": 0.01}),
+            vary(base, "g2", top={"seed": 2, "device": "cuda"}, train={"precision": "fp32"}, optim={"lr": 0.02})]
+    results = train_population(cfgs, log=quiet)
+    for cfg, r in zip(cfgs, results):
+        assert r.peak_bytes > 0
+        assert_same_run(r.folder, alone(vary(cfg, cfg.name, train={"compile": "none"})), tol=1e-4)
