@@ -47,6 +47,10 @@ step "speedrun" 200 python3 scripts/speedrun.py --seeds "$SEEDS" "${SETS[@]}" --
 for b in "${BATCHES[@]}"; do
   step "bench $b" 150 python3 scripts/bench.py "${DEV[@]}" --batch-size $b "${BENCH[@]}" --json "$OUT/bench$b.json"
 done
+if [ "${DEVICE_CHECK_TINY:-0}" = 1 ]; then POP=(--device cpu --members 2 --epochs 1 --subset 400 --hidden 16)
+else POP=(--members 64 --epochs 3); fi
+step "population bench" 300 python3 scripts/population_bench.py "${POP[@]}" --out "$OUT/pop" --json "$OUT/population.json"
+rm -rf "$OUT/pop"
 step "import profile" 60 bash -c 'python3 -X importtime -m dlbase --help 2> "$0/importtime.txt" >/dev/null' "$OUT"
 step "command profile" 120 python3 -m cProfile -o "$OUT/train.prof" -m dlbase train --config configs/mnist_speedrun.yaml \
   "${SETS[@]}" --set checkpoint.dir="$OUT/ckpt" --set name=profile
