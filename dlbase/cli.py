@@ -45,11 +45,19 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run: its folder (the newest readable "
                                           "checkpoint in it) or a .ckpt file. From an older checkpoint than the "
                                           "run's newest, the run branches into a new folder.", show_default=False),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Train the config once per seed, together as one "
+                                        "population, each in <name>-seed<S>/: a count (5: seeds 0-4) or a list "
+                                        "(0,7,42); prints the mean ± sd of the best validation metric.",
+                                        show_default=False),
+    test: bool = typer.Option(False, "--test", help="With --seeds: also the mean ± sd of each best.ckpt's test "
+                              "accuracy (measured as dlbase eval does)."),
 ) -> None:
     """Train a model; writes config.yaml, metrics.csv, last.ckpt, best.ckpt and plots into <checkpoint.dir>/<name>/."""
     from dlbase.state import configure
     from dlbase.train import train as run_training
 
+    if seeds is not None or test:
+        return _train_seeds(config, set_, resume, seeds, test)
     run = configure(config, set_, resume)
     try:
         result = run_training(run.cfg, resume=run.resume, resume_payload=run.payload, folder=run.folder)
@@ -58,6 +66,24 @@ def train(
         raise typer.Exit(130) from None
     if result.exit_code:
         raise typer.Exit(result.exit_code)
+
+
+def _train_seeds(config: Optional[Path], sets: List[str], resume: Optional[Path], seeds: Optional[str],
+                 test: bool) -> None:
+    from dlbase.config import load_config
+    from dlbase.population import parse_seeds, train_seeds
+
+    if seeds is None:
+        raise DlbaseError("--test goes with --seeds (the test accuracy over seeds); for one run use dlbase eval "
+                          "<run>/best.ckpt")
+    if resume is not None:
+        raise DlbaseError("--seeds starts new runs; --resume one seed's run on its own: dlbase train --resume "
+                          "<checkpoint.dir>/<name>-seed<S>")
+    if config is None:
+        raise DlbaseError("--seeds needs --config")
+    summary = train_seeds(load_config(config, sets), parse_seeds(seeds), test, log=typer.echo)
+    if summary.exit_code:
+        raise typer.Exit(summary.exit_code)
 
 
 @app.command("eval")

@@ -208,6 +208,7 @@ class SeedSummary:
     test: list[float]
     test_mean: Optional[float] = None
     test_sd: Optional[float] = None
+    exit_code: int = 0  # 143 / 130: a signal stopped the runs (each saved)
 
     def lines(self) -> list[str]:
         pct = self.metric.endswith("accuracy")
@@ -223,6 +224,24 @@ class SeedSummary:
         return out
 
 
+MAX_SEEDS = 10_000
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seeds: a count N (seeds 0..N-1) or a comma-separated list of seeds (0,7,42; brackets allowed)."""
+    parts = [t.strip() for t in text.strip().strip("[]").split(",") if t.strip()]
+    if not parts or not all(t.isdigit() for t in parts):
+        raise ConfigError(f"--seeds {text!r}: give a count (5: seeds 0-4) or a list of seeds >= 0 (0,7,42)")
+    values = [int(t) for t in parts]
+    if len(parts) == 1 and "," not in text:
+        if not 1 <= values[0] <= MAX_SEEDS:
+            raise ConfigError(f"--seeds {text!r}: a count from 1 to {MAX_SEEDS}")
+        return list(range(values[0]))
+    if len(values) > MAX_SEEDS or max(values) > 2**63 - 1:
+        raise ConfigError(f"--seeds {text!r}: at most {MAX_SEEDS} seeds, each below 2^63")
+    return values
+
+
 def seed_configs(cfg: Config, seeds: Sequence[int]) -> list[Config]:
     """cfg once per seed, each named <name>-seed<s> (its own run folder under checkpoint.dir)."""
     if len(set(seeds)) < len(seeds):
@@ -230,7 +249,8 @@ def seed_configs(cfg: Config, seeds: Sequence[int]) -> list[Config]:
         raise ConfigError(f"--seeds: seed {dup} is listed twice; each seed is one run")
     if not seeds:
         raise ConfigError("--seeds: no seeds given; give a count (3) or a list (0,1,2)")
-    return [dataclasses.replace(cfg, seed=s, name=f"{cfg.name}-seed{s}") for s in seeds]
+    # a run name is at most 128 characters: the base name gives way to the seed's suffix
+    return [dataclasses.replace(cfg, seed=s, name=f"{cfg.name[:128 - len(f'-seed{s}')]}-seed{s}") for s in seeds]
 
 
 def train_seeds(cfg: Config, seeds: Sequence[int], test: bool = False, log: Callable[[str], None] = print,
@@ -239,6 +259,13 @@ def train_seeds(cfg: Config, seeds: Sequence[int], test: bool = False, log: Call
     mean ± standard deviation of the best validation metric and, with test, of each best.ckpt's test accuracy."""
     configs = seed_configs(cfg, seeds)
     results = train_population(configs, log=log, max_members=max_members)
+    stopped = [r for r in results if r.status == "preempted"]
+    if stopped:  # every seed that started is saved; the summary would be of unfinished runs
+        from dlbase.rundir import quote
+        log(f"stopped by a signal: {len(stopped)} of {len(results)} seed runs saved mid-way; go on with each:")
+        for r in stopped:
+            log(f"  dlbase train --resume {quote(r.folder)}")
+        return SeedSummary(results, results[0].best_metric, math.nan, None, [], exit_code=stopped[0].exit_code)
     done = [r for r in results if r.status not in ("diverged",) and math.isfinite(r.best_value)]
     if not done:
         raise TrainingDiverged("--seeds: every seed diverged; nothing to summarise (lower optim.lr or set "

@@ -411,6 +411,10 @@ def _sweep_schema() -> dict:
                                        "default: study.db in the sweep folder"},
             "heartbeat": _count(1, "seconds between a running trial's beats; 3 missed and it is retried", 30),
             "retries": _count(0, "how often a trial whose worker died or was stopped is retried", 3),
+            "population": {"anyOf": [{"const": "auto"}, {"type": "integer", "minimum": 1, "maximum": 4096}],
+                           "default": 1, "description": "trials a worker trains at once as one population "
+                                                        "(same shape: one batched step); auto: as many as fit in "
+                                                        "memory"},
             "metric": {"enum": ["val_accuracy", "val_loss"], "default": "val_accuracy",
                        "description": "what picks the winner (never the test set)"},
             "mode": {"enum": ["max", "min"], "description": "max or min of the metric; default: max for "

@@ -132,7 +132,7 @@ def open_storage(url: str, heartbeat: int, retries: int, where: str):
     """An Optuna storage for url: a database URL (sqlite:///, postgresql://, mysql://) with Optuna's heartbeat
     and retry of stale trials, or a journal file (a path ending in .log / .journal / .jsonl, for shared file
     systems; dlbase keeps its heartbeat in a trial attribute there)."""
-    optuna = _optuna()
+    _optuna()
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     if "://" not in url and url.endswith(SQLITE_SUFFIXES):  # a path to an SQLite file: what else could it be
         url = f"sqlite:///{Path(url).expanduser().resolve()}"
@@ -233,6 +233,7 @@ class Study:
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             try:
                 if self.storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):  # atomic in storage
+                    _Heartbeat(self, t._trial_id)._beat()  # at once: a worker that dies now is seen to
                     return Trial(self.study, t._trial_id)
             except UpdateFinishedTrialError:
                 continue
@@ -266,6 +267,16 @@ class Study:
 
     def beating(self, trial) -> "_Heartbeat":
         return _Heartbeat(self, trial._trial_id)
+
+    def give_back(self, trials: list) -> None:
+        """Trials of ours still running when we stop (a signal, an error): failed, each with its retry, which
+        goes on from the trial's checkpoints."""
+        from optuna.trial import TrialState
+        for trial in trials:
+            frozen = self.storage.get_trial(trial._trial_id)
+            if frozen.state == TrialState.RUNNING:
+                self.study.tell(trial, state=TrialState.FAIL)
+                self.retry(self.storage.get_trial(trial._trial_id))
 
     # ------------------------------------------------------------------ reading it
     def rows(self) -> tuple[dict, int]:

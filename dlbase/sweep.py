@@ -8,13 +8,12 @@ rundir.write_atomic.
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import dataclasses
 import io
-import itertools
 import json
 import math
-import random
 import re
 import statistics
 import time
@@ -30,7 +29,7 @@ from dlbase.errors import ConfigError, DlbaseError, TrainingDiverged
 
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
 SWEEP_KEYS = ("name", "method", "trials", "seed", "params", "metric", "mode", "cv_folds", "pruner", "prune_after",
-              "storage", "heartbeat", "retries")
+              "storage", "heartbeat", "retries", "population")
 NAME_RULE = {f.name: f.metadata for f in dataclasses.fields(Config)}["name"]  # a sweep is named like a run
 
 
@@ -50,6 +49,7 @@ class SweepSpec:
     storage: Optional[str] = None  # the study's database URL or journal file; None: <sweep folder>/study.db
     heartbeat: int = 30  # seconds between a running trial's beats; 3 missed beats and it is retried elsewhere
     retries: int = 3  # how often a trial whose worker died (or was stopped) is retried
+    population: Any = 1  # trials a worker trains at once as one population (dlbase/population.py): K or auto
 
 
 def _fail(source: str, key: str, msg: str) -> ConfigError:
@@ -91,6 +91,11 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo or v > 10**6):
             raise _fail(source, f"sweep.{key}", f"{v!r} is not an integer >= {lo}")
         ints[key] = v
+    from dlbase.sweep_population import check_population
+    population = raw.get("population", 1)
+    bad = check_population(population, source)
+    if bad:
+        raise _fail(source, "sweep.population", bad + " (auto: as many trials as fit in memory)")
     storage = raw.get("storage")
     if storage is not None and (not isinstance(storage, str) or not storage.strip()):
         raise _fail(source, "sweep.storage", f"{storage!r} is not a database URL (sqlite:///study.db, "
@@ -130,7 +135,7 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
     return SweepSpec(name=name, method=method, trials=ints["trials"], seed=ints["seed"], params=params,
                      metric=metric, mode=mode, cv_folds=ints["cv_folds"], pruner=pruner,
                      prune_after=ints["prune_after"], storage=storage, heartbeat=ints["heartbeat"],
-                     retries=ints["retries"])
+                     retries=ints["retries"], population=population)
 
 
 def _distinct(source: str, where: str, values: list, encode: Callable) -> None:
@@ -236,7 +241,8 @@ class Sweep:
     def record(self) -> dict:
         """What makes this sweep this sweep (sweep.yaml, and the study's own record): where its database is
         does not count, so several machines can name it differently."""
-        spec = {k: v for k, v in self.spec.__dict__.items() if k not in ("storage", "heartbeat", "retries")}
+        how = ("storage", "heartbeat", "retries", "population")  # how it runs, not what it finds
+        spec = {k: v for k, v in self.spec.__dict__.items() if k not in how}
         sets = [t for t in self.sets if t.partition("=")[0].strip() not in WHERE_KEYS]  # each machine its folder
         return yaml.safe_load(yaml.safe_dump({"set": sets, **spec}))
 
@@ -342,50 +348,57 @@ class Sweep:
         rows, open_ = study.rows()
         bar = tqdm(total=len(rows) + open_, initial=len(rows), desc="trials", unit="trial", disable=None,
                    position=0)
+        from dlbase.sweep_population import population_size, run_population
+
+        k = population_size(self.spec, self.base)
         try:
             while True:
-                trial = study.take()
-                if trial is None:
+                taken = []
+                while len(taken) < k and (trial := study.take()) is not None:
+                    taken.append(trial)
+                if not taken:
                     if study.running() == 0:
                         return
                     time.sleep(min(2.0, self.spec.heartbeat / 2))  # another worker's trial: it may yet die
                     continue
                 try:
-                    self._run_trial(study, trial, prefix)
-                except SweepStopped as e:
-                    raise SweepStopped(prefix + str(e), e.exit_code) from None
-                bar.update(1)
+                    with contextlib.ExitStack() as beats:  # every taken trial beats until it is told
+                        for trial in taken:
+                            beats.enter_context(study.beating(trial))
+                        if k == 1:
+                            self._run_trial(study, taken[0], prefix)
+                        else:
+                            run_population(self, study, taken, prefix)
+                except BaseException as e:  # a signal, an error: what is not told yet is retried, from its files
+                    study.give_back(taken)
+                    if isinstance(e, SweepStopped):
+                        raise SweepStopped(prefix + str(e), e.exit_code) from None
+                    raise
+                bar.update(len(taken))
         finally:
             bar.close()
 
-    def _run_trial(self, study, trial, prefix: str) -> dict:
+    def _run_trial(self, study, trial, prefix: str, values: Optional[dict] = None,
+                   cfg: Optional[Config] = None) -> dict:
         """Train one trial (each fold with cross-validation), reporting to the pruner; tell the study how it
-        ended. A diverged or invalid trial is a result; a stopped one is retried when the sweep is rerun."""
+        ended. A diverged or invalid trial is a result; a stopped one is retried when the sweep is rerun.
+        values, cfg: already drawn and built (a population's worker)."""
         from optuna.trial import TrialState
 
-        from dlbase.study import ROW, SLOT, decode, distributions
+        from dlbase.study import SLOT, decode, distributions
 
         spec = self.spec
         slot = int(trial.user_attrs[SLOT])
         name = f"trial-{slot:03d}"
-        values = decode(spec.params, {k: _suggest(trial, k, d) for k, d in distributions(spec.params).items()})
+        if values is None:
+            values = decode(spec.params, {k: _suggest(trial, k, d) for k, d in distributions(spec.params).items()})
         try:
-            cfg = self._config(values, slot)
+            cfg = cfg or self._config(values, slot)
         except ConfigError as e:  # a TPE draw the config checks refuse (e.g. a combination): a failed result
             return self._tell(study, trial, {"trial": name, **values, "status": "invalid", "score": None,
                                              "std": None, "epochs": None, "seconds": 0.0, "error": str(e)},
                               TrialState.FAIL, prefix)
-        with study.beating(trial):
-            try:
-                outcome = self._train_folds(trial, values, cfg)
-            except SweepStopped:
-                study.study.tell(trial, state=TrialState.FAIL)  # its retry goes on from the trial's last.ckpt
-                study.retry(study.study._storage.get_trial(trial._trial_id))
-                raise
-            except BaseException:
-                study.study.tell(trial, state=TrialState.FAIL)
-                study.retry(study.study._storage.get_trial(trial._trial_id))
-                raise
+        outcome = self._train_folds(trial, values, cfg)  # a signal or an error: _work gives the trial back
         state = {"finished": TrialState.COMPLETE, "pruned": TrialState.PRUNED}.get(outcome["status"], TrialState.FAIL)
         return self._tell(study, trial, {"trial": name, **values, **outcome}, state, prefix, cfg)
 

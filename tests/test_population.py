@@ -360,3 +360,37 @@ def test_member_equals_lone_run_on_cuda(base):
     for cfg, r in zip(cfgs, results):
         assert r.peak_bytes > 0
         assert_same_run(r.folder, alone(vary(cfg, cfg.name, train={"compile": "none"})), tol=1e-4)
+
+
+def test_dlbase_train_seeds_from_the_command_line(tmp_path, tiny_data):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"""
+name: cli
+device: cpu
+data: {{root: {tiny_data}, download: false, val_size: 60, subset: 300}}
+model: {{hidden: [16]}}
+train: {{epochs: 1, batch_size: 48, tensorboard: false}}
+checkpoint: {{dir: {tmp_path / 'ckpt'}}}
+""")
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "--config", str(cfg), "--seeds", "0,5", "--test", "--set", "optim.lr=0.01"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["cli-seed0", "cli-seed5"]
+    assert "2 seeds: best val_accuracy" in r.stdout and "2 seeds: test accuracy" in r.stdout
+    for s in (0, 5):  # each folder is the run `dlbase train --set seed=S` would give, --set applied
+        stored = load_config(tmp_path / "ckpt" / f"cli-seed{s}" / "config.yaml")
+        assert stored.seed == s and stored.optim.lr == 0.01
+    r = runner.invoke(app, ["train", "--config", str(cfg), "--seeds", "2"])
+    assert r.exit_code == 0 and "2 seeds: best val_accuracy" in r.stdout and "test accuracy" not in r.stdout
+    assert (tmp_path / "ckpt" / "cli-seed0-2").is_dir()  # a new run never overwrites an old one
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--seeds", "x"], "give a count"), (["--seeds", "0"], "a count from 1"), (["--seeds", "1,1"], "listed twice"),
+    (["--seeds", "-1,2"], "give a count"), (["--test"], "--test goes with --seeds"),
+    (["--seeds", "2", "--resume", "somewhere"], "--seeds starts new runs"),
+])
+def test_bad_seeds_options_are_one_line(tmp_path, tiny_config, args, words):
+    r = CliRunner().invoke(app, ["train", "--config", str(tiny_config), *args])
+    assert r.exit_code == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "ckpt").exists()

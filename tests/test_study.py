@@ -291,3 +291,63 @@ def test_another_sweep_under_the_same_study_name_is_refused_and_a_second_machine
     r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec), "--storage", str(db),
                             "--set", f"checkpoint.dir={tmp_path / 'third'}"])
     assert r.exit_code == 2 and "made by another sweep" in r.stderr and "0.02" in r.stderr, r.output
+
+
+# ---------------------------------------------------------------------------------------------- populations
+def losses_of(root, trial):
+    return [float(r["train_loss"]) for r in csv.DictReader(open(root / trial / "metrics.csv"))]
+
+
+@pytest.mark.parametrize("cv", [None, 2])
+def test_trials_trained_as_populations_equal_trials_trained_alone(tmp_path, tiny_data, cv):
+    """The same grid with population: 1 and population: 4 (grouped by shape: two populations of two): every
+    trial's score and per-epoch training losses agree to 1e-5 (fp32, CPU, no dropout), folds as members too."""
+    cfg = base(tmp_path, tiny_data, epochs=2)
+    extra = {"cv_folds": cv} if cv else {}
+    for population in (1, 4):
+        spec = spec_file(tmp_path, name=f"pop{population}", population=population, pruner="none",
+                         params={"optim.lr": [0.05, 0.01], "model.hidden": [[16], [8]]}, **extra)
+        r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec), "--set", "data.subset=400"])
+        assert r.exit_code == 0, r.output
+    one, four = tmp_path / "ckpt" / "pop1", tmp_path / "ckpt" / "pop4"
+    rows = lambda root: {r["trial"]: r for r in csv.DictReader(open(root / "results.csv"))}
+    a, b = rows(one), rows(four)
+    assert sorted(a) == sorted(b) == [f"trial-{i:03d}" for i in range(4)]
+    for t in a:
+        assert float(a[t]["score"]) == pytest.approx(float(b[t]["score"]), abs=1e-5)
+        runs = [f"{t}/fold-{f}" for f in range(1, cv + 1)] if cv else [t]
+        for run in runs:
+            assert losses_of(one, run) == pytest.approx(losses_of(four, run), abs=1e-5)
+    assert json.loads((one / "winner.json").read_text())["test_accuracy"] == pytest.approx(
+        json.loads((four / "winner.json").read_text())["test_accuracy"], abs=1e-6)
+
+
+def test_a_population_prunes_its_hopeless_member_and_the_others_go_on(tmp_path, tiny_data):
+    cfg = base(tmp_path, tiny_data, epochs=3)
+    spec = spec_file(tmp_path, population=2, pruner="median", prune_after=2,
+                     params={"optim.lr": [0.05, 0.02, 1e-7, 0.03]})
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec)])
+    assert r.exit_code == 0, r.output
+    rows = {r["trial"]: r for r in csv.DictReader(open(tmp_path / "ckpt" / "st" / "results.csv"))}
+    assert (rows["trial-002"]["status"], rows["trial-002"]["epochs"]) == ("pruned", "1")
+    assert (rows["trial-003"]["status"], rows["trial-003"]["epochs"]) == ("finished", "3")
+    assert len(losses_of(tmp_path / "ckpt" / "st", "trial-003")) == 3
+
+
+def test_a_signal_during_a_population_saves_every_trial_and_a_rerun_goes_on(tmp_path, tiny_data):
+    cfg = base(tmp_path, tiny_data, epochs=30, hidden="[256, 256]")
+    spec = spec_file(tmp_path, population=3, pruner="none", params={"optim.lr": [0.05, 0.02, 0.01]})
+    root = tmp_path / "ckpt" / "st"
+    p = dlbase("sweep", "--config", cfg, "--sweep", spec)
+    deadline = time.time() + 120
+    while len(list(root.glob("trial-*/last.ckpt"))) < 3:
+        assert time.time() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143 and "every member is saved" in err, out + err
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec)])
+    assert r.exit_code == 0, r.output
+    assert_exactly_once(load(f"sqlite:///{root / 'study.db'}"), 3)
+    for t in range(3):  # each went on from its member's checkpoint: every epoch once
+        assert len(losses_of(root, f"trial-{t:03d}")) == 30
