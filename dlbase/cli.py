@@ -167,7 +167,8 @@ def sweep(
     """Run a hyperparameter search on Optuna, choosing on validation data only; rerun the same command to resume
     it. Writes <checkpoint.dir>/<sweep name>/: study.db, trial-NNN/ run folders, results.csv, best.yaml,
     winner.json."""
-    from dlbase.sweep import load_sweep, run_sweep
+    from dlbase.sweep import run_sweep
+    from dlbase.sweepspec import load_sweep
 
     if worker is not None and os.environ.get("DLBASE_THREADS"):
         import torch

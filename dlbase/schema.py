@@ -369,7 +369,7 @@ def _anchored(pattern: str) -> str:
 
 
 def _sweep_schema() -> dict:
-    """The `sweep:` section, as dlbase/sweep.py's parse_spec reads it (tests/test_schema.py holds the two together)."""
+    """The `sweep:` section, as dlbase/sweepspec.py's parse_spec reads it (tests/test_schema.py holds the two together)."""
     name = next(f for f in dataclasses.fields(Config) if f.name == "name").metadata
     low_high = {"low": {"type": "number"}, "high": {"type": "number"}}
     distribution = {

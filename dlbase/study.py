@@ -208,7 +208,7 @@ class Study:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"{where}: the study's storage {_hide_password(self.url)} failed: {first}") from None
         if not created and stored != record:
-            from dlbase.sweep import changed_keys
+            from dlbase.sweepspec import changed_keys
             changes = changed_keys(stored, record) if isinstance(stored, dict) else ["not made by dlbase sweep"]
             raise ConfigError(f"{_hide_password(self.url)}: study {spec.name!r} there was made by another sweep "
                               f"({'; '.join(changes[:4])}); give the new one another name (sweep name:)")
