@@ -85,15 +85,15 @@ class PopOptimizer:
         p.addcmul_(g, self._v(-lr, p))
 
     def _adagrad(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor) -> None:
-        s = self.state["sum"][i].addcmul_(g, g)
-        std = s.sqrt().add_(self._v(self.hp["eps"], p))
-        p.addcmul_(g.div(std), self._v(-lr, p))  # clr = lr (lr_decay 0)
+        s, tmp = self.state["sum"][i].addcmul_(g, g), self._scratch(i, p)
+        std = torch.sqrt(s, out=tmp).add_(self._v(self.hp["eps"], p))
+        p.addcmul_(torch.div(g, std, out=tmp), self._v(-lr, p))  # clr = lr (lr_decay 0)
 
     def _rmsprop(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor) -> None:
-        a = self.hp["alpha"]
-        sq = self.state["square_avg"][i].mul_(self._v(a, p)).addcmul_(g.mul(g), self._v(1 - a, p))
-        avg = sq.sqrt().add_(self._v(self.hp["eps"], p))
-        p.addcmul_(g.div(avg), self._v(-lr, p))
+        a, tmp = self.hp["alpha"], self._scratch(i, p)
+        sq = self.state["square_avg"][i].mul_(self._v(a, p)).addcmul_(torch.mul(g, g, out=tmp), self._v(1 - a, p))
+        avg = torch.sqrt(sq, out=tmp).add_(self._v(self.hp["eps"], p))
+        p.addcmul_(torch.div(g, avg, out=tmp), self._v(-lr, p))
 
     def _adadelta(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor) -> None:
         rho, eps = self._v(self.hp["rho"], p), self._v(self.hp["eps"], p)
@@ -105,16 +105,26 @@ class PopOptimizer:
         acc.mul_(rho).addcmul_(delta.mul(delta), one_minus)
         p.addcmul_(delta, self._v(-lr, p))
 
+    def _scratch(self, i: int, p: torch.Tensor) -> torch.Tensor:
+        """A buffer like parameter i, kept between steps: the update is built in it. (A fresh (K, ...) tensor per
+        op each step cost the CPU more than the arithmetic: large allocations are new pages, faulted in anew.)"""
+        if self._tmp is None:
+            self._tmp = [torch.empty_like(q) for q in self.params]
+        return self._tmp[i]
+
+    _tmp = None
+
     def _adam(self, i: int, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor) -> None:
         hp = self.hp
         b1, b2 = hp["beta1"], hp["beta2"]
         if self.any_wd and self.name == "adamw":  # decoupled: p *= 1 - lr * wd
             p.mul_(self._v(1 - lr * hp["weight_decay"], p))
+        tmp = self._scratch(i, p)
         m = self.state["exp_avg"][i].lerp_(g, self._v(1 - b1, p))
-        v = self.state["exp_avg_sq"][i].mul_(self._v(b2, p)).addcmul_(g.mul(g), self._v(1 - b2, p))
+        v = self.state["exp_avg_sq"][i].mul_(self._v(b2, p)).addcmul_(torch.mul(g, g, out=tmp), self._v(1 - b2, p))
         bc1, bc2_sqrt = 1 - b1 ** self.t, (1 - b2 ** self.t).sqrt()  # (K,) float64, as torch's Python floats
-        denom = v.sqrt().div_(self._v(bc2_sqrt, p)).add_(self._v(hp["eps"], p))
-        p.addcmul_(m.div(denom), self._v(-lr / bc1, p))
+        denom = torch.sqrt(v, out=tmp).div_(self._v(bc2_sqrt, p)).add_(self._v(hp["eps"], p))
+        p.addcmul_(torch.div(m, denom, out=tmp), self._v(-lr / bc1, p))  # the same ops as before, in place
 
     _adamw = _adam
 
@@ -123,6 +133,7 @@ class PopOptimizer:
         """Keep only the members idx (a (K',) long tensor): state, hyperparameters and lr table shrink with the
         stacked parameters, which the caller has already cut (params)."""
         self.params = params
+        self._tmp = None  # scratch buffers follow the new member count
         self.lr_table = self.lr_table.index_select(0, idx)
         self.hp = {n: v.index_select(0, idx) for n, v in self.hp.items()}
         self.state = {key: [s.index_select(0, idx) for s in states] for key, states in self.state.items()}
