@@ -7,8 +7,9 @@ The space is sweep_lr_hidden.yaml's, made continuous: optim.lr log-uniform in [l
 hidden-layer shapes as a choice. For each sweep seed, each way runs `dlbase sweep` as a user would (its own
 sweep folder and SQLite study) and the script reads the best validation score from results.csv, the winner's
 test accuracy (measured once, by the sweep) from winner.json, the trials pruned, and the wall time of the whole
-command. With --workers N, the random search of the first seed is run again with N workers: the speed-up is the
-ratio of the two wall times (the same trials: a random search is drawn when its study is created).
+command. With --workers N, the random search of the first seed is run again with N workers, and with
+--population K with its trials trained K at a time as populations: each speed-up is the ratio of the two wall
+times (the same trials: a random search is drawn when its study is created).
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ def main() -> None:
     ap.add_argument("--lr-high", type=float, default=1e-1)
     ap.add_argument("--hidden", default="[[256], [512, 512]]", help="the hidden-layer shapes to choose from (YAML)")
     ap.add_argument("--workers", type=int, default=0, help="also time the first random search with N workers")
+    ap.add_argument("--population", type=int, default=0,
+                    help="also time the first random search with its trials trained K at a time as populations")
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -99,8 +102,21 @@ def main() -> None:
             print(f"\nrandom search, seed 0, {args.trials} trials: 1 worker {one['seconds']:.1f} s, {args.workers} "
                   f"workers {many['seconds']:.1f} s: {workers['speedup']:.2f}x (same trials: best val "
                   f"{100 * one['best_val']:.2f}% and {100 * many['best_val']:.2f}%)")
+        population = None
+        if args.population > 1:
+            spec = {"name": f"random_p{args.population}", "trials": args.trials, "seed": 0, "params": params,
+                    "population": args.population, **WAYS["random"]}
+            many = sweep(args.config, spec, Path(tmp), args.sets)
+            one = next(r for r in rows if r["way"] == "random" and r["seed"] == 0)
+            population = {"population": args.population, "seconds": many["seconds"],
+                          "one_at_a_time_seconds": one["seconds"], "speedup": round(one["seconds"] / many["seconds"], 2),
+                          "best_val": many["best_val"]}
+            print(f"random search, seed 0, {args.trials} trials: one at a time {one['seconds']:.1f} s, as populations "
+                  f"of {args.population} {many['seconds']:.1f} s: {population['speedup']:.2f}x (same trials: best val "
+                  f"{100 * one['best_val']:.2f}% and {100 * many['best_val']:.2f}%)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary, "workers": workers}, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary, "workers": workers,
+                                               "population": population}, indent=2))
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def test_device_check_stops_at_the_first_failing_step(tmp_path):
 def test_sweep_compare_tiny_runs_both_ways_and_the_workers(tiny_data, tmp_path):
     out = tmp_path / "compare.json"
     r = run(script("sweep_compare.py", "--trials", 3, "--seeds", 1, "--hidden", "[[8], [16]]", "--workers", 2,
-                   *TINY_SETS, "--json", out), tiny_data, tmp_path)
+                   "--population", 3, *TINY_SETS, "--json", out), tiny_data, tmp_path)
     assert r.returncode == 0, said(r)
     result = json.loads(out.read_text())
     assert [(row["way"], row["trials"]) for row in result["rows"]] == [("random", 3), ("tpe+median", 3)]
@@ -209,6 +209,8 @@ def test_sweep_compare_tiny_runs_both_ways_and_the_workers(tiny_data, tmp_path):
     # the same random trials with 1 or 2 workers (threads differ: float sums may, barely)
     assert abs(result["workers"]["best_val"] - result["rows"][0]["best_val"]) <= 0.02
     assert "| tpe+median |" in r.stdout
+    assert result["population"]["population"] == 3  # the same trials trained as populations: the same scores
+    assert abs(result["population"]["best_val"] - result["rows"][0]["best_val"]) <= 0.02  # equal to 1e-5 in fp32
 
 
 def test_sweep_compare_stops_when_a_sweep_fails(tiny_data, tmp_path):
