@@ -170,17 +170,19 @@ class MemberResult(RunResult):
 def train_population(configs: Sequence[Config], folders: Optional[Sequence[Optional[Path]]] = None,
                      folds: Optional[Sequence[Optional[tuple[int, int]]]] = None, log: Callable[[str], None] = print,
                      on_epoch: Optional[Sequence[Optional[Callable[[int, dict], bool]]]] = None,
-                     max_members: Optional[int] = None) -> list[MemberResult]:
+                     max_members: Optional[int] = None, data: Optional[PopulationData] = None) -> list[MemberResult]:
     """Train configs of one shape (same_shape) as populations of at most choose_k members (or max_members), in
     order; returns one result per config, in the configs' order. folders: each member's run folder (None: a new
     <checkpoint.dir>/<name>[-N]); folds: each member's (fold, folds) of k-fold cross-validation (None: its
-    data.val_size split); on_epoch: per member, as train()'s: (epoch, metrics) -> True to prune it."""
+    data.val_size split); on_epoch: per member, as train()'s: (epoch, metrics) -> True to prune it; data: the
+    dataset already on the device (load_population_data), shared by several calls."""
     from dlbase.engine import plan_run, resolve_device
     from dlbase.poptrain import Population
     check_population(configs, folds, folders)
     device = resolve_device(configs[0].device)
     run_plan = plan_run(configs[0], device)
-    data = load_population_data(configs[0], device, run_plan.data_dtype)
+    if data is None:  # a caller training several populations on one dataset (a sweep) passes it in
+        data = load_population_data(configs[0], device, run_plan.data_dtype)
     k = choose_k(configs[0], device, max_members, input_shape=data.input_shape)
     n = len(configs)
     pick = lambda seq, i: seq[i] if seq is not None else None  # noqa: E731

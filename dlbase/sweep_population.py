@@ -77,7 +77,7 @@ def _train_group(sweep, study, group: list, prefix: str) -> None:
             owner.append(t)
     t0 = time.perf_counter()
     results = train_population(configs, folders, folds if spec.cv_folds else None, log=lambda line: None,
-                               on_epoch=hooks)  # the worker's loop gives the trials back on an error
+                               on_epoch=hooks, data=_data(sweep, configs[0]))  # on an error: _work gives back
     seconds = round(time.perf_counter() - t0, 2)
     stopped = [r for r in results if r.status == "preempted"]
     if stopped or len(results) < len(configs):  # every member saved: each trial's retry goes on from its files
@@ -87,6 +87,19 @@ def _train_group(sweep, study, group: list, prefix: str) -> None:
     for t, (trial, values, cfg) in enumerate(group):
         outcome = _outcome(spec, [(r, run) for r, run, o in zip(results, folders, owner) if o == t], seconds)
         sweep._tell(study, trial, {"trial": cfg.name, **values, **outcome}, _state(outcome["status"]), prefix, cfg)
+
+
+def _data(sweep, cfg):
+    """The training and test sets on the device once per data config for the whole sweep, as the trials
+    trained alone share theirs (sweep.cache)."""
+    from dlbase.engine import plan_run, resolve_device
+    from dlbase.population import load_population_data
+    device = resolve_device(cfg.device)
+    dtype = plan_run(cfg, device).data_dtype
+    key = ("population", repr(cfg.data), str(device), str(dtype))
+    if key not in sweep.cache:
+        sweep.cache[key] = load_population_data(cfg, device, dtype)
+    return sweep.cache[key]
 
 
 def _outcome(spec, members: list, seconds: float) -> dict:
