@@ -120,11 +120,15 @@ class PopOptimizer:
         if self.any_wd and self.name == "adamw":  # decoupled: p *= 1 - lr * wd
             p.mul_(self._v(1 - lr * hp["weight_decay"], p))
         tmp = self._scratch(i, p)
-        m = self.state["exp_avg"][i].lerp_(g, self._v(1 - b1, p))
-        v = self.state["exp_avg_sq"][i].mul_(self._v(b2, p)).addcmul_(torch.mul(g, g, out=tmp), self._v(1 - b2, p))
-        bc1, bc2_sqrt = 1 - b1 ** self.t, (1 - b2 ** self.t).sqrt()  # (K,) float64, as torch's Python floats
-        denom = torch.sqrt(v, out=tmp).div_(self._v(bc2_sqrt, p)).add_(self._v(hp["eps"], p))
-        p.addcmul_(torch.div(m, denom, out=tmp), self._v(-lr / bc1, p))  # the same ops as before, in place
+        if i == 0:  # this step's (K,) float64 scalars, as torch's Python floats: once per step, not per parameter
+            bc1, bc2_sqrt = 1 - b1 ** self.t, (1 - b2 ** self.t).sqrt()
+            self._now = {"1-b1": 1 - b1, "b2": b2, "1-b2": 1 - b2, "bc2": bc2_sqrt, "step": -lr / bc1}
+        now = self._now
+        m = self.state["exp_avg"][i].lerp_(g, self._v(now["1-b1"], p))
+        v = self.state["exp_avg_sq"][i].mul_(self._v(now["b2"], p)).addcmul_(torch.mul(g, g, out=tmp),
+                                                                           self._v(now["1-b2"], p))
+        denom = torch.sqrt(v, out=tmp).div_(self._v(now["bc2"], p)).add_(self._v(hp["eps"], p))
+        p.addcmul_(torch.div(m, denom, out=tmp), self._v(now["step"], p))  # the same ops as before, in place
 
     _adamw = _adam
 
