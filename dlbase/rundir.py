@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import shlex
@@ -162,3 +163,15 @@ def read_metrics(path: Path, upto_epoch: Optional[int] = None) -> list[dict]:
 def quote(path: Union[str, os.PathLike]) -> str:
     """A path as a shell word, for the commands we print (folders may hold spaces)."""
     return shlex.quote(str(path))
+
+
+def cell(v: Any) -> str:
+    """A value as one short table cell: '-' for none, 4 significant digits, a list or mapping as compact JSON
+    (`dlbase runs`, a sweep's results table and its changed-key messages)."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v).replace(" ", "")
+    return str(v)

@@ -190,24 +190,14 @@ def as_json(run: Run, keys: list[str]) -> dict:
 def table(runs: list[Run], keys: list[str]) -> str:
     """The runs as aligned text columns, one line each; a broken run's reason follows its line."""
     head = [HEADERS[c] for c in COLUMNS] + keys
-    lines = [[r.name, r.status, _cell(r.epochs), _pct(r.best_val_accuracy), _pct(r.test_accuracy),
-              _cell(r.train_seconds)] + [_cell(r.config.get(k)) if r.config else "" for k in keys] for r in runs]
+    lines = [[r.name, r.status, rundir.cell(r.epochs), _pct(r.best_val_accuracy), _pct(r.test_accuracy),
+              rundir.cell(r.train_seconds)] + [rundir.cell(r.config.get(k)) if r.config else "" for k in keys] for r in runs]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     out = ["  ".join(c.ljust(w) for c, w in zip(head, widths)).rstrip()]
     for r, cells in zip(runs, lines):
         line = "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
         out.append(line + (f"  ({r.reason})" if r.reason else ""))
     return "\n".join(out)
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (list, dict)):
-        return json.dumps(v).replace(" ", "")
-    return str(v)
 
 
 def _pct(v: Optional[float]) -> str:

@@ -26,7 +26,7 @@ import yaml
 from dlbase import checkpoint, rundir
 from dlbase.config import Config, config_from_dict, to_dict, to_yaml
 from dlbase.errors import ConfigError, DlbaseError, TrainingDiverged
-from dlbase.sweepspec import (DISTRIBUTIONS, SWEEP_KEYS, WHERE_KEYS, SweepSpec, _fmt, changed_keys,  # noqa: F401
+from dlbase.sweepspec import (DISTRIBUTIONS, SWEEP_KEYS, WHERE_KEYS, SweepSpec, changed_keys,  # noqa: F401
                               load_sweep, parse_grid_option, parse_spec, sample, trial_config)
 
 RESULT_FILE = "result.json"  # a finished (or diverged) trial's row and resolved config: reruns reuse it
@@ -377,7 +377,7 @@ class Sweep:
         self.log("")
         self.log(" ".join(f"{h:>12}" for h in self.fields()))
         for i, r in enumerate(ranked, 1):
-            self.log(" ".join(f"{_fmt(v):>12}" for v in self._cells(i, r).values()))
+            self.log(" ".join(f"{rundir.cell(v):>12}" for v in self._cells(i, r).values()))
 
     def _test_once(self, winner: dict, win_cfg: Config, final_cfg: Config, epochs_note: str) -> dict:
         """Retrain (cross-validation) and test the winner: the one time the sweep reads the test set."""

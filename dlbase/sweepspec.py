@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 from dlbase.config import Config, config_from_dict, parse_yaml, read_config_file
 from dlbase.errors import ConfigError
+from dlbase.rundir import cell
 
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
 SWEEP_KEYS = ("name", "method", "trials", "seed", "params", "metric", "mode", "cv_folds", "pruner", "prune_after",
@@ -191,7 +192,7 @@ def changed_keys(stored: dict, now: dict) -> list[str]:
     """'key: old -> new' for each dotted key whose value differs between two resolved configs (to_dict); where
     the files go (WHERE_KEYS) is not compared."""
     a, b = _flat(stored), _flat(now)
-    return [f"{k}: {_fmt(a.get(k, '(absent)'))} -> {_fmt(b.get(k, '(absent)'))}"
+    return [f"{k}: {cell(a.get(k, '(absent)'))} -> {cell(b.get(k, '(absent)'))}"
             for k in sorted(a.keys() | b.keys()) if k not in WHERE_KEYS and a.get(k, _ABSENT) != b.get(k, _ABSENT)]
 
 
@@ -200,13 +201,3 @@ def _flat(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (list, tuple)):
-        return json.dumps(v).replace(" ", "")
-    return str(v)

@@ -85,35 +85,28 @@ def main() -> None:
             summary[way] = {k: (statistics.mean(r[k] for r in mine),
                                 statistics.stdev(r[k] for r in mine) if len(mine) > 1 else 0.0)
                             for k in ("best_val", "test_accuracy", "seconds", "epochs")}
-        print(f"\n| way | best val acc (mean ± sd) | winner's test acc | epochs trained | wall time (s) |")
+        print("\n| way | best val acc (mean ± sd) | winner's test acc | epochs trained | wall time (s) |")
         print("|---|---|---|---|---|")
         for way, s in summary.items():
             print(f"| {way} | {100 * s['best_val'][0]:.2f}% ± {100 * s['best_val'][1]:.2f} | "
                   f"{100 * s['test_accuracy'][0]:.2f}% ± {100 * s['test_accuracy'][1]:.2f} | {s['epochs'][0]:.0f} | "
                   f"{s['seconds'][0]:.1f} ± {s['seconds'][1]:.1f} |")
-        workers = None
-        if args.workers > 1:
-            spec = {"name": f"random_w{args.workers}", "trials": args.trials, "seed": 0, "params": params,
-                    **WAYS["random"]}
-            many = sweep(args.config, spec, Path(tmp), args.sets, args.workers)
-            one = next(r for r in rows if r["way"] == "random" and r["seed"] == 0)
-            workers = {"workers": args.workers, "seconds": many["seconds"], "one_worker_seconds": one["seconds"],
-                       "speedup": round(one["seconds"] / many["seconds"], 2), "best_val": many["best_val"]}
-            print(f"\nrandom search, seed 0, {args.trials} trials: 1 worker {one['seconds']:.1f} s, {args.workers} "
-                  f"workers {many['seconds']:.1f} s: {workers['speedup']:.2f}x (same trials: best val "
-                  f"{100 * one['best_val']:.2f}% and {100 * many['best_val']:.2f}%)")
-        population = None
-        if args.population > 1:
-            spec = {"name": f"random_p{args.population}", "trials": args.trials, "seed": 0, "params": params,
-                    "population": args.population, **WAYS["random"]}
-            many = sweep(args.config, spec, Path(tmp), args.sets)
-            one = next(r for r in rows if r["way"] == "random" and r["seed"] == 0)
-            population = {"population": args.population, "seconds": many["seconds"],
-                          "one_at_a_time_seconds": one["seconds"], "speedup": round(one["seconds"] / many["seconds"], 2),
-                          "best_val": many["best_val"]}
-            print(f"random search, seed 0, {args.trials} trials: one at a time {one['seconds']:.1f} s, as populations "
-                  f"of {args.population} {many['seconds']:.1f} s: {population['speedup']:.2f}x (same trials: best val "
-                  f"{100 * one['best_val']:.2f}% and {100 * many['best_val']:.2f}%)")
+        one = next(r for r in rows if r["way"] == "random" and r["seed"] == 0)
+
+        def again(what: str, k: int, **how) -> dict:
+            """The first random search again, run another way (k workers, or populations of k): the same trials."""
+            spec = {"name": f"random_{what[0]}{k}", "trials": args.trials, "seed": 0, "params": params,
+                    **WAYS["random"], **({"population": k} if what == "population" else {})}
+            many = sweep(args.config, spec, Path(tmp), args.sets, **how)
+            out = {what: k, "seconds": many["seconds"], "one_seconds": one["seconds"],
+                   "speedup": round(one["seconds"] / many["seconds"], 2), "best_val": many["best_val"]}
+            print(f"\nrandom search, seed 0, {args.trials} trials: as before {one['seconds']:.1f} s, with {what} {k} "
+                  f"{many['seconds']:.1f} s: {out['speedup']:.2f}x (same trials: best val {100 * one['best_val']:.2f}% "
+                  f"and {100 * many['best_val']:.2f}%)")
+            return out
+
+        workers = again("workers", args.workers, workers=args.workers) if args.workers > 1 else None
+        population = again("population", args.population) if args.population > 1 else None
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary, "workers": workers,
                                                "population": population}, indent=2))

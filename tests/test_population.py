@@ -362,27 +362,20 @@ def test_member_equals_lone_run_on_cuda(base):
         assert_same_run(r.folder, alone(vary(cfg, cfg.name, train={"compile": "none"})), tol=1e-4)
 
 
-def test_dlbase_train_seeds_from_the_command_line(tmp_path, tiny_data):
-    cfg = tmp_path / "s.yaml"
-    cfg.write_text(f"""
-name: cli
-device: cpu
-data: {{root: {tiny_data}, download: false, val_size: 60, subset: 300}}
-model: {{hidden: [16]}}
-train: {{epochs: 1, batch_size: 48, tensorboard: false}}
-checkpoint: {{dir: {tmp_path / 'ckpt'}}}
-""")
+def test_dlbase_train_seeds_from_the_command_line(tmp_path, base):
+    cfg = tmp_path / "pop.yaml"  # the file the base fixture wrote: name p
     runner = CliRunner()
-    r = runner.invoke(app, ["train", "--config", str(cfg), "--seeds", "0,5", "--test", "--set", "optim.lr=0.01"])
+    r = runner.invoke(app, ["train", "--config", str(cfg), "--seeds", "0,5", "--test", "--set", "optim.lr=0.01",
+                            "--set", "train.epochs=1"])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["cli-seed0", "cli-seed5"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["p-seed0", "p-seed5"]
     assert "2 seeds: best val_accuracy" in r.stdout and "2 seeds: test accuracy" in r.stdout
     for s in (0, 5):  # each folder is the run `dlbase train --set seed=S` would give, --set applied
-        stored = load_config(tmp_path / "ckpt" / f"cli-seed{s}" / "config.yaml")
+        stored = load_config(tmp_path / "ckpt" / f"p-seed{s}" / "config.yaml")
         assert stored.seed == s and stored.optim.lr == 0.01
-    r = runner.invoke(app, ["train", "--config", str(cfg), "--seeds", "2"])
+    r = runner.invoke(app, ["train", "--config", str(cfg), "--seeds", "2", "--set", "train.epochs=1"])
     assert r.exit_code == 0 and "2 seeds: best val_accuracy" in r.stdout and "test accuracy" not in r.stdout
-    assert (tmp_path / "ckpt" / "cli-seed0-2").is_dir()  # a new run never overwrites an old one
+    assert (tmp_path / "ckpt" / "p-seed0-2").is_dir()  # a new run never overwrites an old one
 
 
 @pytest.mark.parametrize("args,words", [
