@@ -282,7 +282,7 @@ def config_schema(
     default and help. A YAML file whose first line is `# yaml-language-server: $schema=PATH` gets completion and
     checks in VS Code's YAML extension."""
     from dlbase.rundir import write_atomic
-    from dlbase.schema import json_schema
+    from dlbase.editorschema import json_schema
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if out is not None and out.exists() and not force:

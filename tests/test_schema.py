@@ -1,4 +1,4 @@
-"""The JSON Schema for editors (schema.json_schema) against its oracle, the loader: the shipped configs pass both,
+"""The JSON Schema for editors (editorschema.json_schema) against its oracle, the loader: the shipped configs pass both,
 configs/dlbase.schema.json is what the generator writes, and on random documents near every key's type and range
 rules the schema accepts exactly what load_config's checker accepts (cross_checks aside: the schema leaves them
 to the loader)."""
@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from dlbase.cli import app
 from dlbase.config import _all_paths, config_from_dict, load_config, to_dict
 from dlbase.errors import ConfigError
-from dlbase.schema import NUMBER_STRING, Config, json_schema
+from dlbase.editorschema import NUMBER_STRING, json_schema
+from dlbase.schema import Config
 
 jsonschema = pytest.importorskip("jsonschema")  # a dev dependency; machines without it skip this module
 
