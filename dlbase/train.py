@@ -211,7 +211,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> RunResult:
         """Train to train.epochs / train.max_steps, an early stop or a signal; returns what happened."""
-        p = self.progress
+        p, ended = self.progress, False
         try:
             if self.payload is not None:
                 source = Path(self.resume).parent if self.resume is not None else self.folder  # a branch starts
@@ -221,7 +221,8 @@ class Trainer:
                     self.rows.append(rundir.metrics_row(self.payload["epoch"], self.payload["step"], saved))
                 self.log(f"resuming {self.folder} from {self.resume} (epoch {p.epoch}, step {p.step})")
             if p.step >= self.total_steps or self.monitor.should_stop:
-                return self._nothing_to_do()
+                result, ended = self._nothing_to_do(), True
+                return result
             if self.group.main:
                 rundir.write_atomic(self.folder / "config.yaml", to_yaml(self.cfg), "config.yaml")
                 self._open_events()
@@ -238,13 +239,15 @@ class Trainer:
                 except TrainingDiverged:
                     self._mark("diverged")
                     raise
-            return self._finish()
+            result = self._finish()
+            ended = True  # every rank ends here, or in _nothing_to_do, the same way (rank 0 decides the stops)
+            return result
         finally:
             if self.events is not None:
                 self.events.close()
             if self.group.main and self.folder is not None:
                 rundir.remove_if_empty(self.folder)  # stopped before anything was written: no empty run folder
-            self.group.close()
+            self.group.close(together=ended)
 
     events = None  # the run's TensorBoard event log (dlbase/tblog.py), rank 0 only, when enabled and installed
 
