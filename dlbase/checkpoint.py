@@ -54,6 +54,13 @@ class _Required(TypedDict):
 class Payload(_Required, total=False):
     __doc__ = _Required.__doc__
     in_epoch: InEpoch  # only in a mid-epoch checkpoint
+    fold: list  # [k, K]: a cross-validation fold's run, trained on all but part k of K (0-based); absent otherwise
+
+
+def fold_of(payload: dict) -> "tuple[int, int] | None":
+    """The cross-validation fold (k, K) a checkpoint was trained on, None for a plain run (load() checked it)."""
+    fold = payload.get("fold")
+    return None if fold is None else (int(fold[0]), int(fold[1]))
 
 
 def _is_int(v: Any, lo: int = 0) -> bool:
@@ -98,6 +105,10 @@ def _problems(p: dict) -> Iterator[str]:
     if not (isinstance(rng, dict) and all(isinstance(rng.get(k), torch.Tensor) and rng[k].dtype == torch.uint8
                                           for k in ("torch", "batcher"))):
         yield "rng does not hold the torch and batcher generator states"
+    if "fold" in p:
+        f = p["fold"]
+        if not (isinstance(f, (list, tuple)) and len(f) == 2 and _is_int(f[0]) and _is_int(f[1], 2) and f[0] < f[1]):
+            yield f"fold {f!r} is not [k, K] with 0 <= k < K"
     if "in_epoch" in p:
         ie = p["in_epoch"]
         if not (isinstance(ie, dict) and _is_int(ie.get("batch"), 1) and _is_num(ie.get("loss_sum"))):
@@ -164,7 +175,28 @@ def load(path: str | os.PathLike) -> Payload:
     problem = next(_problems(payload), None)
     if problem is not None:
         raise CheckpointError(f"{path}: not a complete dlbase checkpoint ({problem})")
+    if "fold" not in payload:
+        fold = _fold_from_layout(path)
+        if fold is not None:
+            payload["fold"] = list(fold)
     return payload  # type: ignore[return-value]
+
+
+def _fold_from_layout(path: Path) -> "tuple[int, int] | None":
+    """The fold of a checkpoint written before checkpoints carried it: <sweep>/trial-NNN/fold-N/*.ckpt, with
+    cv_folds in <sweep>/sweep.yaml. None for any other place."""
+    run = path.parent
+    found = re.fullmatch(r"fold-([1-9][0-9]*)", run.name)
+    if found is None or not re.fullmatch(r"trial-[0-9]{3,}", run.parent.name):
+        return None
+    try:
+        import yaml
+        record = yaml.safe_load((run.parent.parent / "sweep.yaml").read_text())
+        folds = record.get("cv_folds") if isinstance(record, dict) else None
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):
+        return None
+    k = int(found.group(1)) - 1
+    return (k, folds) if _is_int(folds, 2) and k < folds else None
 
 
 def newest(folder: Path) -> tuple[Path, Payload]:

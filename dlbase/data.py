@@ -297,6 +297,7 @@ class Dataset:
     test: DeviceSplit
     input_shape: tuple[int, int]
     folder: Path
+    fold: Optional[tuple[int, int]] = None  # (k, K): part k of K-fold cross-validation validates; None: val_size
 
     def split(self, name: str) -> DeviceSplit:
         if name == "val" and self.val is None:
@@ -356,6 +357,7 @@ def load_dataset(cfg, seed: int, device: torch.device, dtype: torch.dtype = torc
             test=DeviceSplit(normalize(test.images.reshape(-1, h * w).to(device), dtype), test.labels.to(device)),
             input_shape=(int(h), int(w)),
             folder=folder,
+            fold=fold,
         )
 
 

@@ -55,7 +55,8 @@ def evaluate_checkpoint(ckpt: Path, split: str = "test", data_root: Optional[Pat
     cfg, model, payload = load_for_eval(ckpt, device)
     # --data-root points at files that are there: never download into it
     data_cfg = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=str(data_root), download=False)
-    data = load_dataset(data_cfg, cfg.seed, device)
+    from dlbase.checkpoint import fold_of
+    data = load_dataset(data_cfg, cfg.seed, device, fold=fold_of(payload))  # a fold's val is its held-out part
     if tuple(payload["input_shape"]) != data.input_shape:
         raise DlbaseError(f"{ckpt}: trained on {tuple(payload['input_shape'])} images; the data at "
                           f"{data.folder} has {data.input_shape}")
@@ -70,7 +71,8 @@ def evaluate_checkpoint(ckpt: Path, split: str = "test", data_root: Optional[Pat
                    "confusion": cm.tolist()}
     record_eval(Path(ckpt), cfg.train.tensorboard, payload, split, result, report)
     return {"checkpoint": str(ckpt), "split": split, "n": result["n"], "accuracy": result["accuracy"],
-            "loss": result["loss"], "epoch": int(payload["epoch"]), "dataset": cfg.data.dataset, **details}
+            "loss": result["loss"], "epoch": int(payload["epoch"]), "dataset": cfg.data.dataset,
+            "fold": payload.get("fold"), **details}
 
 
 EVAL_FILE = "eval.json"  # in the run folder: per checkpoint name, its last evaluation on each split
@@ -113,7 +115,8 @@ def record_eval(ckpt: Path, tensorboard: bool, payload: dict, split: str, result
 def format_result(r: dict, report: Optional[Path] = None) -> str:
     """evaluate_checkpoint's result as the text `dlbase eval` prints."""
     lines = [f"{r['checkpoint']}: {r['split']} accuracy {100 * r['accuracy']:.2f}%  loss {r['loss']:.4f}  "
-             f"(n={r['n']}, epoch {r['epoch']}, {r['dataset']})",
+             f"(n={r['n']}, epoch {r['epoch']}, {r['dataset']}"
+             + (f", cross-validation fold {r['fold'][0] + 1} of {r['fold'][1]}" if r.get("fold") else "") + ")",
              "per class: " + "  ".join(f"{k}: {100 * a:.1f}%" for k, a in enumerate(r["per_class"]))]
     if report is not None:
         lines.append(f"report: {Path(report) / 'confusion.png'}, {Path(report) / 'mistakes.png'}")

@@ -99,7 +99,10 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.empty(1, device=self.device)  # CUDA's context, here rather than inside the data's copy
         seed_everything(cfg.seed)
-        self.data = dataset or load_dataset(cfg.data, cfg.seed, self.device, self.plan.data_dtype, phases=phases)
+        # a cross-validation fold's run resumes on its own fold's split, never on the val_size split
+        fold = checkpoint.fold_of(self.payload) if self.payload is not None else None
+        self.data = dataset or load_dataset(cfg.data, cfg.seed, self.device, self.plan.data_dtype, fold=fold,
+                                            phases=phases)
         with phases("set-up"):
             self._build()
             if self.payload is not None:
@@ -260,7 +263,8 @@ class Trainer:
         d = self.data
         self.log(f"run folder: {self.folder}  (config.yaml, metrics.csv, last.ckpt, best.ckpt, curves.png, "
                  f"gradnorms.png)")
-        self.log(f"data: {d.folder}  train {len(d.train)}, val {len(d.val) if d.val else 0}, test {len(d.test)} "
+        fold = f" (fold {d.fold[0] + 1} of {d.fold[1]} validates)" if d.fold is not None else ""
+        self.log(f"data: {d.folder}  train {len(d.train)}, val {len(d.val) if d.val else 0}{fold}, test {len(d.test)} "
                  f"on {self.device}  ({self.plan.describe()})")
         if self.n_used < len(d.train):
             self.log(f"model.norm: batch: {len(d.train)} samples at batch {self.cfg.train.batch_size} would leave a "
@@ -419,6 +423,8 @@ class Trainer:
             "best": self.monitor.state(),
             "rng": rng_state(self.batcher, self.device),
         }
+        if self.data.fold is not None:
+            out["fold"] = list(self.data.fold)
         if p.batch:
             out["rng"]["batcher"] = p.epoch_rng
             total = self.group.sum(torch.stack([self.engine.loss_sum, self.engine.ce_sum]))  # all ranks' partial sums
