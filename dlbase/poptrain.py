@@ -238,7 +238,8 @@ class Population:
                 mine = self._was.index(m)
                 own = [row[mine] for row in _rows(snaps, len(self._was))]
                 m.events.epoch(self.epoch, self.step, metrics, step_losses(
-                    self._snap_steps, own, 0.0, self._snap_from, self.B, self.n_used))
+                    self._snap_steps, own, 0.0, self._snap_from, self.B, self.n_used,
+                    end=(self.step, read[mine])))
             val_text = f"  val_loss {val['loss']:.4f}  val_acc {100 * val['accuracy']:.2f}%" if val else ""
             self._say(m, f"epoch {self.epoch}  train_loss {train_loss:.4f}{val_text}  lr {lr:.3g}"
                          f"{'  *best' if improved else ''}")

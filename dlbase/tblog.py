@@ -51,20 +51,78 @@ def _writer(folder: Path, purge_step: Optional[int] = None):
     return SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
 
-def _session_end(writer, status: str, step: int) -> None:
-    """The HParams session's end (success, or unknown for a preempted run), in the run's own event file."""
-    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-    from tensorboard.plugins.hparams.api_pb2 import Status
-    from tensorboard.plugins.hparams.metadata import PLUGIN_DATA_VERSION, PLUGIN_NAME, SESSION_END_INFO_TAG
-    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
+HPARAMS_FILE = "events.out.tfevents.0000000000.dlbase-hparams"  # sorts before every SummaryWriter file
 
-    code = Status.Value(status) if status in Status.keys() else Status.Value("STATUS_UNKNOWN")
-    content = HParamsPluginData(session_end_info=SessionEndInfo(status=code),
-                                version=PLUGIN_DATA_VERSION)
-    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME,
-                                                                  content=content.SerializeToString()))
-    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=meta)]),
-                                          step)
+
+def _hparams_summaries(cfg: Config, status: Optional[str], start_time: float) -> list:
+    """The HParams plugin's three records for this run: the experiment (every key's type, every metric tag), the
+    session's start (the config's values; booleans as booleans, which torch's hparams() turns into 1.0) and,
+    once the run has ended, the session's end with its status. (tensorboard's own hparams.summary needs
+    TensorFlow; these are the same protos.)"""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import api_pb2, metadata
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo, SessionStartInfo
+
+    def summary(tag: str, **data) -> Summary:
+        content = HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **data).SerializeToString()
+        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME,
+                                                                      content=content))
+        return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
+
+    values = flat_hparams(cfg)
+    kinds = {bool: "DATA_TYPE_BOOL", str: "DATA_TYPE_STRING"}
+    infos = [api_pb2.HParamInfo(name=k, type=api_pb2.DataType.Value(kinds.get(type(v), "DATA_TYPE_FLOAT64")))
+             for k, v in values.items()]
+    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in METRICS.values()]
+    start = SessionStartInfo(start_time_secs=start_time)
+    for k, v in values.items():
+        if isinstance(v, bool):  # before int: bool is an int in Python
+            start.hparams[k].bool_value = v
+        elif isinstance(v, (int, float)):
+            start.hparams[k].number_value = v
+        else:
+            start.hparams[k].string_value = v
+    out = [summary(metadata.EXPERIMENT_TAG, experiment=api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)),
+           summary(metadata.SESSION_START_INFO_TAG, session_start_info=start)]
+    if status is not None:
+        code = api_pb2.Status.Value(status if status in api_pb2.Status.keys() else "STATUS_UNKNOWN")
+        out.append(summary(metadata.SESSION_END_INFO_TAG, session_end_info=SessionEndInfo(status=code)))
+    return out
+
+
+def _start_time(path: Path) -> Optional[float]:
+    """The session start time recorded in an existing HPARAMS_FILE (the run's first process), if readable."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+    from tensorboard.plugins.hparams import metadata
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+    try:
+        for event in LegacyEventFileLoader(str(path)).Load():
+            for v in event.summary.value:
+                if v.tag == metadata.SESSION_START_INFO_TAG:
+                    return HParamsPluginData.FromString(v.metadata.plugin_data.content).session_start_info.start_time_secs
+    except Exception:  # noqa: BLE001 - a damaged file is rewritten with this process's time
+        return None
+    return None
+
+
+def write_hparams(folder: Path, cfg: Config, status: Optional[str]) -> None:
+    """The run's HParams records in their own event file, rewritten whole (atomically) by every process that
+    trains the run: TensorBoard keeps the first record of a tag it reads in a run folder, and this file sorts
+    first, so after any resume the table shows the config the run goes on with and how it ended. (A
+    TensorBoard server already running picks the rewrite up when restarted.)"""
+    import io
+    import time
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    path = folder / HPARAMS_FILE
+    start = (_start_time(path) if path.exists() else None) or time.time()
+    buf = io.BytesIO()
+    records = RecordWriter(buf)
+    records.write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+    for summary in _hparams_summaries(cfg, status, start):
+        records.write(Event(wall_time=time.time(), step=0, summary=summary).SerializeToString())
+    rundir.write_atomic(path, buf.getvalue(), "TensorBoard's hparams")
 
 
 class EventLog:
@@ -79,15 +137,9 @@ class EventLog:
         self._hparams(start_step)
 
     def _hparams(self, step: int) -> None:
-        """The hyperparameters, at the start (so a run killed at once is in the table too), the way Lightning's
-        TensorBoardLogger.log_hyperparams does it: the hparams summaries go into this run's own event file,
-        not into the new folder SummaryWriter.add_hparams would make (pytorch#32651)."""
-        from torch.utils.tensorboard.summary import hparams
-        exp, ssi, _ = hparams(flat_hparams(self.cfg), {tag: 0.0 for tag in METRICS.values()})
-        fw = self.writer._get_file_writer()
-        fw.add_summary(exp, step)
-        fw.add_summary(ssi, step)
-        self.writer.flush()
+        """The hyperparameters, at the start (so a run killed at once is in the table too), in the run's own
+        folder (not the new folder SummaryWriter.add_hparams would make, pytorch#32651): HPARAMS_FILE."""
+        write_hparams(self.folder, self.cfg, None)
 
     def epoch(self, epoch: int, step: int, metrics: dict, step_losses: list[tuple[int, float]]) -> None:
         """An epoch's metrics at its last step; the training-loss points at their own steps."""
@@ -108,8 +160,8 @@ class EventLog:
         step = self.step  # past any earlier process's metrics: a run preempted twice leaves one point per stop
         for key, value in final_metrics(Path(result.folder)).items():
             self.writer.add_scalar(METRICS[key], value, step)
-        _session_end(self.writer, SESSION_STATUS.get(result.status, "STATUS_UNKNOWN"), step)
         self.writer.flush()
+        write_hparams(self.folder, self.cfg, SESSION_STATUS.get(result.status, "STATUS_UNKNOWN"))
 
     def close(self) -> None:
         self.writer.close()

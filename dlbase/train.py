@@ -307,7 +307,7 @@ class Trainer:
         read = self.group.sum(torch.cat([self.engine.take_loss_sum(), self._snaps[:k]])).tolist()  # note: sync, per epoch
         train_loss, ce_sum = read[0] / max(1, self._seen), read[1] / max(1, self._seen)
         train_ce = ce_sum if self.engine.plain_ce else None  # label smoothing: the unsmoothed cross-entropy
-        step_losses = self._step_losses(read[2:], self._start_sum)
+        step_losses = self._step_losses(read[2:], self._start_sum, read[0])
         self._start_sum = 0.0
         p.epoch, p.batch, p.epoch_rng = p.epoch + 1, 0, None
         train_seconds = time.perf_counter() - self._t0  # after the sync: the steps' GPU work is done
@@ -463,9 +463,9 @@ class Trainer:
             self._snaps[len(self._snap_steps)].copy_(self.engine.loss_sum)
             self._snap_steps.append(step + 1)
 
-    def _step_losses(self, snaps: list[float], start_sum: float) -> list[tuple[int, float]]:
+    def _step_losses(self, snaps: list[float], start_sum: float, total: float) -> list[tuple[int, float]]:
         return step_losses(self._snap_steps, snaps, start_sum, self._snap_from, self.cfg.train.batch_size,
-                           self.n_used)
+                           self.n_used, end=(self.progress.step, total))
 
     _stop_agreed = False  # a stop request every rank has agreed on (one process: the local flag)
     _stop_calls = 0
@@ -502,12 +502,17 @@ class Trainer:
 
 
 def step_losses(snap_steps: list[int], snaps: list[float], start_sum: float, snap_from: tuple[int, int],
-                batch_size: int, n_used: int) -> list[tuple[int, float]]:
-    """(global step, mean training loss since the previous point) for an epoch's snapshots of its running loss
-    sum taken after snap_steps; snap_from: (the epoch's first global step, batches done before this process)."""
+                batch_size: int, n_used: int, end: Optional[tuple[int, float]] = None) -> list[tuple[int, float]]:
+    """(global step, mean training loss per sample of the steps since the previous point) for an epoch's
+    snapshots of its running loss sum taken after snap_steps (every train.log_every global steps); snap_from:
+    (the epoch's first global step, batches done before this process); end: (the epoch's last global step, its
+    whole loss sum), so the steps after the epoch's last snapshot get a point of their own at the epoch's end.
+    Every step is in exactly one point; a point never spans an epoch boundary."""
     first, done_before = snap_from
     out = []
     prev_sum, prev_n = start_sum, min(done_before * batch_size, n_used)
+    if end is not None and (not snap_steps or snap_steps[-1] < end[0]):
+        snap_steps, snaps = [*snap_steps, end[0]], [*snaps, end[1]]
     for step, total in zip(snap_steps, snaps):
         n = min((step - first) * batch_size, n_used)
         if n > prev_n:

@@ -20,11 +20,16 @@ from conftest import StopAt
 from dlbase import checkpoint, train as train_module  # noqa: E402
 from dlbase.config import load_config  # noqa: E402
 from dlbase.evaluate import evaluate_checkpoint  # noqa: E402
-from dlbase.tblog import METRICS, STEP_LOSS_TAG  # noqa: E402
+from dlbase.tblog import HPARAMS_FILE, METRICS, STEP_LOSS_TAG  # noqa: E402
 from dlbase.train import train  # noqa: E402
 
 SPE = 10  # tiny_data: 500 training images (100 held out) at batch 50
 EPOCH_TAGS = ("loss/train", "loss/val", "accuracy/val", "lr", "time/epoch_seconds", "norms/grad_norm_1", "epoch")
+
+
+def process_files(folder: Path) -> list[Path]:
+    """The event files the training processes wrote (the HParams file aside)."""
+    return [p for p in folder.glob("events.out.tfevents.*") if p.name != HPARAMS_FILE]
 
 
 def events(folder: Path) -> EventAccumulator:
@@ -43,8 +48,8 @@ def quiet(line: str) -> None:
 
 def test_scalars_match_metrics_csv_and_hparams_are_in_the_run_s_own_file(tiny_config):
     run = train(load_config(tiny_config, ["train.log_every=3"]), log=quiet)
-    files = list(run.folder.glob("events.out.tfevents.*"))
-    assert len(files) == 1 and [p for p in run.folder.iterdir() if p.is_dir()] == []  # no add_hparams folder
+    files = process_files(run.folder)
+    assert len(files) == 1 and (run.folder / HPARAMS_FILE).is_file() and [p for p in run.folder.iterdir() if p.is_dir()] == []  # no add_hparams folder
     ea = events(run.folder)
     rows = (run.folder / "metrics.csv").read_text().splitlines()[1:]
     csv_steps = [int(r.split(",")[1]) for r in rows]
@@ -53,7 +58,8 @@ def test_scalars_match_metrics_csv_and_hparams_are_in_the_run_s_own_file(tiny_co
         assert steps(ea, tag) == csv_steps, tag
     val_loss = [float(r.split(",")[3]) for r in rows]
     assert [e.value for e in ea.Scalars("loss/val")] == pytest.approx(val_loss, rel=1e-5, abs=1e-6)
-    assert steps(ea, STEP_LOSS_TAG) == list(range(3, 3 * SPE + 1, 3))  # every log_every steps, at its own step
+    # every log_every steps at its own step, and each epoch's tail at the epoch's end
+    assert steps(ea, STEP_LOSS_TAG) == sorted(set(range(3, 3 * SPE + 1, 3)) | {SPE, 2 * SPE, 3 * SPE})
     # HParams: the flattened resolved config and the metric names, as the plugin reads them
     tags = ea.summary_metadata
     start = plugin_data_pb2.HParamsPluginData.FromString(
@@ -97,7 +103,7 @@ def test_a_run_preempted_twice_mid_epoch_continues_its_curves(tiny_config, tmp_p
     monkeypatch.undo()
     run = train(cfg, resume=last, resume_payload=checkpoint.load(last), log=quiet)
     assert run.status == "finished" and run.folder == last.parent
-    assert len(list(run.folder.glob("events.out.tfevents.*"))) == 3
+    assert len(process_files(run.folder)) == 3
     ea, ref_ea = events(run.folder), events(ref.folder)
     assert_no_zigzag(ea, ref_ea)
     for tag in ("loss/train", "loss/val", "accuracy/val"):  # the resumed run is the uninterrupted one
@@ -221,3 +227,60 @@ def test_a_sweep_winner_s_test_accuracy_reaches_its_hparams_row(tiny_config, tmp
     values = [e.value for run in mux.Runs() for tag in mux.Runs()[run].get("scalars", [])
               if tag == "hparams/test_accuracy" for e in mux.Scalars(run, tag)]
     assert values and values[-1] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+
+
+def _session(folder: Path):
+    """(session start info, session end info or None) as TensorBoard's HParams plugin reads the run folder."""
+    tags = events(folder).summary_metadata
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        tags[hp_metadata.SESSION_START_INFO_TAG].plugin_data.content).session_start_info
+    end = tags.get(hp_metadata.SESSION_END_INFO_TAG)
+    return start, (plugin_data_pb2.HParamsPluginData.FromString(end.plugin_data.content).session_end_info
+                   if end is not None else None)
+
+
+def test_after_a_resume_hparams_show_the_config_the_run_ended_with_and_its_final_status(tiny_config, monkeypatch):
+    """Issue 21 items 3 and 4: TensorBoard keeps the first record per tag of a run folder; the table must show
+    the last process's config and status, and booleans as booleans."""
+    from tensorboard.plugins.hparams import api_pb2
+    cfg = load_config(tiny_config)
+    monkeypatch.setattr(train_module, "Preemption", StopAt(13))
+    stopped = train(cfg, log=quiet)
+    assert stopped.status == "preempted"
+    start, end = _session(stopped.folder)
+    assert api_pb2.Status.Name(end.status) == "STATUS_UNKNOWN"
+    monkeypatch.undo()
+    last = stopped.folder / "last.ckpt"
+    more = load_config(tiny_config, ["train.epochs=4"])
+    run = train(more, resume=last, resume_payload=checkpoint.load(last), log=quiet)
+    assert run.status == "finished" and run.folder == stopped.folder
+    start, end = _session(run.folder)
+    assert api_pb2.Status.Name(end.status) == "STATUS_SUCCESS"
+    assert start.hparams["train.epochs"].number_value == 4
+    assert start.hparams["train.tensorboard"].WhichOneof("kind") == "bool_value"
+    assert start.hparams["train.tensorboard"].bool_value is True
+    assert start.hparams["data.download"].bool_value is False
+    exp = plugin_data_pb2.HParamsPluginData.FromString(
+        events(run.folder).summary_metadata[hp_metadata.EXPERIMENT_TAG].plugin_data.content).experiment
+    kinds = {h.name: api_pb2.DataType.Name(h.type) for h in exp.hparam_infos}
+    assert kinds["train.tensorboard"] == "DATA_TYPE_BOOL" and kinds["optim.lr"] == "DATA_TYPE_FLOAT64"
+
+
+def test_step_loss_points_cover_every_step_once_across_epoch_boundaries(tiny_config):
+    """Issue 21 item 2. Oracle: the same run with log_every 1 (each point one step's mean loss); at log_every 5
+    each point must be the sample-weighted mean of exactly the steps since the previous point, and the steps
+    after an epoch's last multiple of 5 get their own point at the epoch's end."""
+    sets = ["train.batch_size=42", "train.epochs=3"]  # 500 images: 12 steps per epoch, the last of 38
+    every = train(load_config(tiny_config, sets + ["train.log_every=1", "name=every"]), log=quiet)
+    five = train(load_config(tiny_config, sets + ["train.log_every=5", "name=five"]), log=quiet)
+    per_step = {e.step: e.value for e in events(every.folder).Scalars(STEP_LOSS_TAG)}
+    assert sorted(per_step) == list(range(1, 37))
+    size = {s: (38 if s % 12 == 0 else 42) for s in per_step}
+    got = [(e.step, e.value) for e in events(five.folder).Scalars(STEP_LOSS_TAG)]
+    assert [s for s, _ in got] == [5, 10, 12, 15, 20, 24, 25, 30, 35, 36]
+    prev = 0
+    for s, value in got:
+        window = range(prev + 1, s + 1)
+        want = sum(per_step[t] * size[t] for t in window) / sum(size[t] for t in window)
+        assert value == pytest.approx(want, rel=1e-5), s
+        prev = s
