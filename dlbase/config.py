@@ -63,10 +63,16 @@ def _no_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+# YAML 1.2's core-schema floats: PyYAML (YAML 1.1) reads 1e-4, 1.0e3 and .5e1 as strings, editors (YAML 1.2) as
+# numbers. Added after PyYAML's int resolver, which still takes plain integers (10) first.
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML text safely; errors name the source and the line."""
+    """Parse YAML text safely (YAML 1.2 floats, no aliases, no duplicate keys); errors name the source and the line.
+    Every reader of user YAML goes through this (config files, --set, a sweep's spec and --grid)."""
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.MarkedYAMLError as e:
@@ -202,7 +208,7 @@ class _Checker:
             if isinstance(v, float) and math.isfinite(v) and v.is_integer() and abs(v) < 2**63:
                 return int(v)
         elif tp is float:
-            if isinstance(v, str):  # YAML 1.1 reads `1e-3` as a string; accept what Python reads as a number
+            if isinstance(v, str):  # a quoted "1e-3": accept what Python reads as a number
                 try:
                     v = float(v.strip())
                 except ValueError:
@@ -258,6 +264,8 @@ class _Checker:
         for i, item in enumerate(v):
             if item_type is float and isinstance(item, int) and not isinstance(item, bool):
                 item = float(item)
+            if item_type is int and isinstance(item, float) and item.is_integer():  # [1e3]: JSON Schema's integer
+                item = int(item)
             if isinstance(item, bool) or not isinstance(item, item_type) or (
                     item_type is float and not math.isfinite(item)):
                 raise self.fail(key, f"entry {i} ({_show(item)}) is not {_type_name(item_type)}; "
