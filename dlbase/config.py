@@ -108,8 +108,22 @@ def read_config_file(path: str | os.PathLike) -> Any:
 # ----------------------------------------------------------------------------- checking
 
 
-def _type_name(tp: Any) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+def _type_name(tp: Any, m: dict | None = None) -> str:
+    """What a key takes, in words (never a Python class: a user reads this)."""
+    if tp is tuple and m is not None:
+        return _list_words(m)
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, "a value")
+
+
+def _list_words(m: dict) -> str:
+    """`a list of positive integers, e.g. [512, 512]`: what a tuple key takes."""
+    if m["item_type"] is int:
+        items = "positive integers" if m["item_ge"] == 1 else "integers"
+        example = "[512, 512]" if m["item_le"] == 1 << 16 else "[5, 8]"
+    else:
+        items, example = "numbers", "[0.9, 0.999]"
+    count = f"{m['length']} " if m["length"] is not None else ""
+    return f"a list of {count}{items}, e.g. {example}"
 
 
 def _all_paths(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
@@ -185,7 +199,7 @@ class _Checker:
                 return None
             tp = args[0]
         elif v is None:
-            raise self.fail(key, f"must not be null; expected {_type_name(tp)}{self._allowed(m)}")
+            raise self.fail(key, f"must not be null; expected {_type_name(tp, m)}{self._allowed(m)}")
         if tp is tuple:
             return self.tuple_of(key, m, v)
         out = self.scalar(key, tp, v, m)
@@ -255,7 +269,7 @@ class _Checker:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and m["length"] is None:
             v = [v]  # `hidden: 256` means one layer of 256
         if not isinstance(v, (list, tuple)):
-            raise self.fail(key, f"{_show(v)} is not a list of {_type_name(item_type)[3:]}s, e.g. {example}")
+            raise self.fail(key, f"{_show(v)} is not {_list_words(m)}")
         if m["length"] is not None and len(v) != m["length"]:
             raise self.fail(key, f"{_show(v)} has {len(v)} entries; expected exactly {m['length']}, e.g. {example}")
         if m["max_len"] is not None and len(v) > m["max_len"]:

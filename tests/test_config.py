@@ -251,3 +251,29 @@ def test_a_sweep_distribution_takes_yaml_12_floats(tmp_path):
                         "    optim.lr: {distribution: log_uniform, low: 1e-4, high: 1e-1}\n")
     _, spec, _ = load_sweep(p, None, [], [])
     assert spec is not None
+
+
+def test_every_key_given_a_wrong_type_says_what_is_allowed_in_words():
+    """No `<class 'tuple'>` reaches a user: each key, given null and values of the wrong type, names the key and
+    what it takes in words."""
+    import dataclasses, typing
+    from dlbase.config import _all_paths, config_from_dict
+    seen = 0
+    for key, f in _all_paths(Config).items():
+        if dataclasses.is_dataclass(f.type) or f.metadata.get("help") is None or "choices" not in f.metadata:
+            continue
+        for v in (None, "x", {}, {"a": 1}, [[1]], True, [None]):
+            doc: dict = {}
+            node = doc
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = v
+            try:
+                config_from_dict(doc, "<t>", cross=False)
+            except ConfigError as e:
+                msg, seen = str(e), seen + 1
+                assert f"<t>: {key}: " in msg and "<class" not in msg and "of umbers" not in msg, msg
+    assert seen > 100
+    msg = str(pytest.raises(ConfigError, config_from_dict, {"model": {"hidden": None}}).value)
+    assert "model.hidden: must not be null; expected a list of positive integers, e.g. [512, 512]" in msg, msg
