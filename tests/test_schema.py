@@ -402,3 +402,24 @@ def test_the_documented_differences(doc):
         assert sweep_error(doc["sweep"])
     else:
         assert loader_error(doc)
+
+
+@pytest.mark.parametrize("key,text,accepted", [
+    ("train.epochs", "1e3", True), ("train.epochs", "1.0e3", True), ("train.epochs", "1.5", False),
+    ("train.epochs", '"1e3"', False), ("data.subset", "1E3", True), ("optim.lr", "1e-4", True),
+    ("optim.lr", ".5e-1", True), ("optim.lr", '"1e3"', True), ("optim.lr", "1e7", False),
+    ("model.hidden", "[1e3, 256.0]", True), ("model.hidden", "[1.5]", False), ("model.hidden", '["1e3"]', False),
+])
+def test_the_shipped_schema_and_config_validate_agree_on_number_forms(tmp_path, key, text, accepted):
+    """The same YAML to jsonschema with configs/dlbase.schema.json (read as an editor reads it, YAML 1.2 numbers)
+    and to `dlbase config validate`: both accept, or both refuse."""
+    from dlbase.config import parse_yaml
+    *parents, last = key.split(".")
+    yaml_text = "".join(f"{'  ' * i}{p}:\n" for i, p in enumerate(parents)) + f"{'  ' * len(parents)}{last}: {text}\n"
+    shipped = jsonschema.Draft7Validator(json.loads((REPO / "configs" / "dlbase.schema.json").read_text()))
+    schema_ok = not list(shipped.iter_errors(parse_yaml(yaml_text, "<t>")))
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml_text)
+    r = CliRunner().invoke(app, ["config", "validate", "--config", str(p)])
+    assert r.exit_code in (0, 2), r.output
+    assert (schema_ok, r.exit_code == 0) == (accepted, accepted), (yaml_text, r.output)
