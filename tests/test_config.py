@@ -256,7 +256,7 @@ def test_a_sweep_distribution_takes_yaml_12_floats(tmp_path):
 def test_every_key_given_a_wrong_type_says_what_is_allowed_in_words():
     """No `<class 'tuple'>` reaches a user: each key, given null and values of the wrong type, names the key and
     what it takes in words."""
-    import dataclasses, typing
+    import dataclasses
     from dlbase.config import _all_paths, config_from_dict
     seen = 0
     for key, f in _all_paths(Config).items():
