@@ -63,10 +63,16 @@ def _no_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+# YAML 1.2's core-schema floats: PyYAML (YAML 1.1) reads 1e-4, 1.0e3 and .5e1 as strings, editors (YAML 1.2) as
+# numbers. Added after PyYAML's int resolver, which still takes plain integers (10) first.
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML text safely; errors name the source and the line."""
+    """Parse YAML text safely (YAML 1.2 floats, no aliases, no duplicate keys); errors name the source and the line.
+    Every reader of user YAML goes through this (config files, --set, a sweep's spec and --grid)."""
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.MarkedYAMLError as e:
@@ -102,8 +108,22 @@ def read_config_file(path: str | os.PathLike) -> Any:
 # ----------------------------------------------------------------------------- checking
 
 
-def _type_name(tp: Any) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+def _type_name(tp: Any, m: dict | None = None) -> str:
+    """What a key takes, in words (never a Python class: a user reads this)."""
+    if tp is tuple and m is not None:
+        return _list_words(m)
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, "a value")
+
+
+def _list_words(m: dict) -> str:
+    """`a list of positive integers, e.g. [512, 512]`: what a tuple key takes."""
+    if m["item_type"] is int:
+        items = "positive integers" if m["item_ge"] == 1 else "integers"
+        example = "[512, 512]" if m["item_le"] == 1 << 16 else "[5, 8]"
+    else:
+        items, example = "numbers", "[0.9, 0.999]"
+    count = f"{m['length']} " if m["length"] is not None else ""
+    return f"a list of {count}{items}, e.g. {example}"
 
 
 def _all_paths(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
@@ -179,7 +199,7 @@ class _Checker:
                 return None
             tp = args[0]
         elif v is None:
-            raise self.fail(key, f"must not be null; expected {_type_name(tp)}{self._allowed(m)}")
+            raise self.fail(key, f"must not be null; expected {_type_name(tp, m)}{self._allowed(m)}")
         if tp is tuple:
             return self.tuple_of(key, m, v)
         out = self.scalar(key, tp, v, m)
@@ -202,7 +222,7 @@ class _Checker:
             if isinstance(v, float) and math.isfinite(v) and v.is_integer() and abs(v) < 2**63:
                 return int(v)
         elif tp is float:
-            if isinstance(v, str):  # YAML 1.1 reads `1e-3` as a string; accept what Python reads as a number
+            if isinstance(v, str):  # a quoted "1e-3": accept what Python reads as a number
                 try:
                     v = float(v.strip())
                 except ValueError:
@@ -249,7 +269,7 @@ class _Checker:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and m["length"] is None:
             v = [v]  # `hidden: 256` means one layer of 256
         if not isinstance(v, (list, tuple)):
-            raise self.fail(key, f"{_show(v)} is not a list of {_type_name(item_type)[3:]}s, e.g. {example}")
+            raise self.fail(key, f"{_show(v)} is not {_list_words(m)}")
         if m["length"] is not None and len(v) != m["length"]:
             raise self.fail(key, f"{_show(v)} has {len(v)} entries; expected exactly {m['length']}, e.g. {example}")
         if m["max_len"] is not None and len(v) > m["max_len"]:
@@ -258,6 +278,8 @@ class _Checker:
         for i, item in enumerate(v):
             if item_type is float and isinstance(item, int) and not isinstance(item, bool):
                 item = float(item)
+            if item_type is int and isinstance(item, float) and item.is_integer():  # [1e3]: JSON Schema's integer
+                item = int(item)
             if isinstance(item, bool) or not isinstance(item, item_type) or (
                     item_type is float and not math.isfinite(item)):
                 raise self.fail(key, f"entry {i} ({_show(item)}) is not {_type_name(item_type)}; "

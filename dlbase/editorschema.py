@@ -11,16 +11,15 @@ from dlbase.schema import Config
 
 # ----------------------------------------------------------------------------- the JSON Schema, for editors
 
-# A number written as a string, as Python's float() reads it: the loader takes `lr: "1e-3"` (and YAML 1.1 reads
-# an unquoted 1e-3 as that string). Finite numbers only: the loader refuses inf and nan.
+# A number written as a string, as Python's float() reads it: the loader takes `lr: "1e-3"` (an unquoted 1e-3 it
+# reads as a number, as YAML 1.2 and editors do). Finite numbers only: the loader refuses inf and nan.
 _DIGITS = r"\d(?:_?\d)*"
 NUMBER_STRING = rf"^\s*[+-]?(?:(?:{_DIGITS})?\.{_DIGITS}|{_DIGITS}\.?)(?:[eE][+-]?{_DIGITS})?\s*$"
 _DESCRIPTION = ("A dlbase config (dlbase train, config validate, sweep), generated from dlbase/schema.py by "
                 "`dlbase config schema`: each key's type, range and choices, checked as load_config checks them. "
                 "Not checked here: the rules that tie keys together (schema.cross_checks, e.g. schedule.name: "
                 "multistep needs milestones); `dlbase config validate --config FILE` checks those too. Also left "
-                "to the loader: the range of a number written as a string (\"1e-3\"), .nan, and integral floats "
-                "where a list wants integers ([256.0]).")
+                "to the loader: the range of a number written as a string (\"1e-3\") and .nan.")
 
 
 def json_schema() -> dict:

@@ -6,7 +6,7 @@ import yaml
 from typer.testing import CliRunner
 
 from dlbase.cli import app
-from dlbase.config import Config, load_config, to_yaml
+from dlbase.config import Config, load_config, parse_yaml, to_yaml
 from dlbase.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,3 +205,75 @@ train: {loss: mse, max_steps: 500, grad_clip: 1.0, early_stop: {patience: 3, met
 """))
     assert cfg.model.encoding.num_freqs == 4 and cfg.optim.betas == (0.8, 0.9)
     assert cfg.schedule.milestones == (2, 4) and cfg.train.early_stop.patience == 3
+
+
+# ----------------------------------------------------------------------------- YAML 1.2 numbers (issue 21, item 16)
+
+@pytest.mark.parametrize("text", ["1e3", "1.0e3", ".5e1", "1e-4", "+1E+2", "-2e-1", "1.5", "0.", "-.5", "1E3"])
+def test_yaml_12_floats_read_as_the_float_python_reads(text):
+    """YAML 1.1 (PyYAML) reads 1e3 and 1.0e3 as strings; the YAML 1.2 core schema, and editors, read numbers."""
+    value = parse_yaml(f"x: {text}", "<t>")["x"]
+    assert isinstance(value, float) and value == float(text), (text, value)
+
+
+@pytest.mark.parametrize("text,expected", [("'1e3'", "1e3"), ("1e", "1e"), ("e3", "e3"), ("1e3x", "1e3x"),
+                                           ("10", 10), ("-7", -7), (".inf", math.inf), ("-.Inf", -math.inf)])
+def test_what_stays_a_string_or_an_integer(text, expected):
+    value = parse_yaml(f"x: {text}", "<t>")["x"]
+    assert value == expected and type(value) is type(expected), (text, value)
+
+
+def test_integer_keys_take_integral_floats(tmp_path):
+    cfg = load_config(write(tmp_path, "train: {epochs: 1e3, max_steps: 2.5e3}\ndata: {subset: 1.0e3}\n"
+                                      "model: {hidden: [1e3, 2.56e2]}\nschedule: {milestones: [5.0, 8e0]}\n"),
+                      ["train.batch_size=6.4e1"])
+    assert (cfg.train.epochs, cfg.train.max_steps, cfg.data.subset, cfg.train.batch_size) == (1000, 2500, 1000, 64)
+    assert cfg.model.hidden == (1000, 256) and cfg.schedule.milestones == (5, 8)
+    assert all(type(v) is int for v in (cfg.train.epochs, cfg.data.subset, *cfg.model.hidden, *cfg.schedule.milestones))
+
+
+@pytest.mark.parametrize("text,key,words", [
+    ("train: {epochs: 1.5e0}\n", "train.epochs", ["1.5", "an integer"]),
+    ("train: {epochs: 1e7}\n", "train.epochs", ["out of range", "<= 1000000"]),
+    ("model: {hidden: [2.5e-1]}\n", "model.hidden", ["entry 0", "0.25", "not an integer"]),
+    ("optim: {lr: 1e7}\n", "optim.lr", ["out of range"]),
+])
+def test_non_integral_or_out_of_range_numbers_name_the_key(tmp_path, text, key, words):
+    msg = error_of(tmp_path, text)
+    assert f": {key}: " in msg and "\n" not in msg, msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_a_sweep_distribution_takes_yaml_12_floats(tmp_path):
+    from dlbase.sweepspec import load_sweep
+    p = write(tmp_path, "sweep:\n  method: random\n  params:\n"
+                        "    optim.lr: {distribution: log_uniform, low: 1e-4, high: 1e-1}\n")
+    _, spec, _ = load_sweep(p, None, [], [])
+    assert spec is not None
+
+
+def test_every_key_given_a_wrong_type_says_what_is_allowed_in_words():
+    """No `<class 'tuple'>` reaches a user: each key, given null and values of the wrong type, names the key and
+    what it takes in words."""
+    import dataclasses
+    from dlbase.config import _all_paths, config_from_dict
+    seen = 0
+    for key, f in _all_paths(Config).items():
+        if dataclasses.is_dataclass(f.type) or f.metadata.get("help") is None or "choices" not in f.metadata:
+            continue
+        for v in (None, "x", {}, {"a": 1}, [[1]], True, [None]):
+            doc: dict = {}
+            node = doc
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = v
+            try:
+                config_from_dict(doc, "<t>", cross=False)
+            except ConfigError as e:
+                msg, seen = str(e), seen + 1
+                assert f"<t>: {key}: " in msg and "<class" not in msg and "of umbers" not in msg, msg
+    assert seen > 100
+    msg = str(pytest.raises(ConfigError, config_from_dict, {"model": {"hidden": None}}).value)
+    assert "model.hidden: must not be null; expected a list of positive integers, e.g. [512, 512]" in msg, msg

@@ -143,8 +143,9 @@ def edge_values(f, tp) -> list:
     m, (tp, _) = f.metadata, _unwrap(tp)
     if tp is tuple:
         lo, hi = _bounds(m, "item_")
-        if m["item_type"] is int:  # integral floats left out: a documented difference (below)
-            items, fill = [lo - 1, lo, hi, hi + 1, -(2**70), 1.5, True, "1", None, [1]], lo
+        if m["item_type"] is int:  # integral floats are integers to both (JSON Schema's rule)
+            items, fill = [lo - 1, lo, hi, hi + 1, -(2**70), 1.5, float(lo), float(hi), float(hi) + 1, True, "1",
+                           None, [1]], lo
         else:
             items, fill = [lo, -0.0, math.nextafter(lo, -1), math.nextafter(hi, -1), hi, 1, 0, -1, 2, math.inf,
                            -math.inf, True, "0.5", None, [0.5]], 0.5
@@ -388,8 +389,6 @@ def test_a_sweep_section_is_for_dlbase_sweep_only():
     {"model": {"dropout": "5"}},  # a number written as a string: its range is checked on loading only
     {"optim": {"lr": "1e400"}},  # (and so is its overflow to inf)
     {"model": {"dropout": math.nan}},  # YAML's .nan (JSON has none) compares false with every bound
-    {"model": {"hidden": [256.0]}},  # JSON Schema's integer is any integral number; list entries must be ints
-    {"model": {"hidden": 256.0}},
     {"sweep": {"params": {"optim.lr": [0.1]}, "trials": 3.0}},
     {"sweep": {"params": {"optim.lr": [0.1]}, "name": 2024.0}},
     {"sweep": {"params": {"optim.lr": {"distribution": "uniform", "low": 0, "high": math.inf}}, "method": "random"}},
@@ -403,3 +402,24 @@ def test_the_documented_differences(doc):
         assert sweep_error(doc["sweep"])
     else:
         assert loader_error(doc)
+
+
+@pytest.mark.parametrize("key,text,accepted", [
+    ("train.epochs", "1e3", True), ("train.epochs", "1.0e3", True), ("train.epochs", "1.5", False),
+    ("train.epochs", '"1e3"', False), ("data.subset", "1E3", True), ("optim.lr", "1e-4", True),
+    ("optim.lr", ".5e-1", True), ("optim.lr", '"1e3"', True), ("optim.lr", "1e7", False),
+    ("model.hidden", "[1e3, 256.0]", True), ("model.hidden", "[1.5]", False), ("model.hidden", '["1e3"]', False),
+])
+def test_the_shipped_schema_and_config_validate_agree_on_number_forms(tmp_path, key, text, accepted):
+    """The same YAML to jsonschema with configs/dlbase.schema.json (read as an editor reads it, YAML 1.2 numbers)
+    and to `dlbase config validate`: both accept, or both refuse."""
+    from dlbase.config import parse_yaml
+    *parents, last = key.split(".")
+    yaml_text = "".join(f"{'  ' * i}{p}:\n" for i, p in enumerate(parents)) + f"{'  ' * len(parents)}{last}: {text}\n"
+    shipped = jsonschema.Draft7Validator(json.loads((REPO / "configs" / "dlbase.schema.json").read_text()))
+    schema_ok = not list(shipped.iter_errors(parse_yaml(yaml_text, "<t>")))
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml_text)
+    r = CliRunner().invoke(app, ["config", "validate", "--config", str(p)])
+    assert r.exit_code in (0, 2), r.output
+    assert (schema_ok, r.exit_code == 0) == (accepted, accepted), (yaml_text, r.output)
