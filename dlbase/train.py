@@ -347,7 +347,8 @@ class Trainer:
             self.log(f"early stop: no {self.monitor.metric} improvement for {self.monitor.bad_epochs} epochs "
                      f"(train.early_stop.patience={self.monitor.patience})")
             p.status = "early_stopped"
-        elif self._agree_stop():  # the signal came with the epoch's last step: its checkpoint is the stop
+        elif p.step < self.total_steps and self._agree_stop():  # came with the epoch's last step: its checkpoint
+            # is the stop; with the run's last step the run is finished, and status.json says so
             p.status = "preempted"
         elif self.on_epoch is not None and p.step < self.total_steps and self.on_epoch(p.epoch, metrics):
             self.log(f"pruned after epoch {p.epoch}: the sweep's pruner stopped this trial")
@@ -362,7 +363,9 @@ class Trainer:
         if self.events is not None:  # hparams and the run's final metrics, in its own event file
             self.events.finish(self._result(self.preempt.exit_code if p.status == "preempted" else 0))
         if p.status == "preempted":
-            self.log(f"stopped by {signal.Signals(self.preempt.signum).name} at step {p.step} (epoch {p.epoch}); "
+            where = (f"in epoch {p.epoch + 1}, {p.batch} of its {self.steps_per_epoch} steps done" if p.batch
+                     else f"after epoch {p.epoch}")
+            self.log(f"stopped by {signal.Signals(self.preempt.signum).name} at step {p.step} ({where}); "
                      f"everything up to it is in {folder / 'last.ckpt'}. To go on:")
             self.log(f"  dlbase train --resume {rundir.quote(folder / 'last.ckpt')}")
             return self._result(self.preempt.exit_code)

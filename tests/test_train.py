@@ -306,3 +306,41 @@ def test_a_checkpoint_from_before_data_normalize_loads_as_unit(tiny_config, tmp_
     torch.save(payload, old)
     cfg, model, _ = load_for_eval(old, torch.device("cpu"))
     assert cfg.data.normalize == "unit" and not model.encoding.standardize
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def test_a_sigterm_during_the_final_step_leaves_a_finished_run(tiny_config, tmp_path, monkeypatch):
+    """Issue 21 item 5: a real SIGTERM, sent once the run's last step is launched. Oracle: the uninterrupted run
+    (its status, step and weights)."""
+    import os
+    import signal
+    from dlbase.train import Trainer
+    ref = train(load_config(tiny_config, [f"checkpoint.dir={tmp_path / 'ref'}"]), log=_quiet)
+    on_step = Trainer._on_step
+
+    def signal_with_the_last_step(self, step, bar):
+        on_step(self, step, bar)
+        if step + 1 == self.total_steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(Trainer, "_on_step", signal_with_the_last_step)
+    lines: list[str] = []
+    run = train(load_config(tiny_config), log=lines.append)
+    assert run.status == "finished" and run.exit_code == 0, lines
+    assert json.loads((run.folder / "status.json").read_text()) == {"status": "finished", "step": 30}
+    want, got = checkpoint.load(ref.folder / "last.ckpt"), checkpoint.load(run.folder / "last.ckpt")
+    assert got["step"] == want["step"] == 30
+    for name, w in want["model"].items():
+        torch.testing.assert_close(got["model"][name], w, rtol=0, atol=0)
+
+
+def test_a_mid_epoch_stop_names_the_epoch_it_stopped_in(tiny_config, monkeypatch):
+    from conftest import StopAt
+    from dlbase import train as train_module
+    monkeypatch.setattr(train_module, "Preemption", StopAt(15))  # 10 steps and an epoch end, then 4 of epoch 2
+    lines: list[str] = []
+    run = train(load_config(tiny_config), log=lines.append)
+    assert run.status == "preempted"
+    assert any("stopped by SIGTERM at step 14 (in epoch 2, 4 of its 10 steps done)" in line for line in lines), lines
