@@ -52,6 +52,8 @@ class Member:
     epoch_rng: Optional[torch.Tensor] = None
     epochs_done: int = 0
     steps_done: int = 0
+    fold: Optional[tuple[int, int]] = None  # (k, K): its cross-validation fold, recorded in its checkpoints
+    train_seconds: float = 0.0  # its share of the population's training steps (their time / members in them)
 
 
 class Population:
@@ -73,7 +75,8 @@ class Population:
                 model.encoding.set_stats(data.x.index_select(0, idx))  # the same tensor a lone run's train.x is
             members.append(Member(c, model, build_optimizer(model.parameters(), c.optim, device),
                                   Batcher(idx.shape[0], self.B, device, c.seed), val, Monitor(c, val is not None),
-                                  torch.get_rng_state(), Path(), on_epoch[i] if on_epoch else None))
+                                  torch.get_rng_state(), Path(), on_epoch[i] if on_epoch else None,
+                                  fold=folds[i]))
             train_idx.append(idx)
         sizes = sorted({t.shape[0] for t in train_idx})
         if len(sizes) > 1:
@@ -163,7 +166,7 @@ class Population:
                     self._snap_list.append(self.loss_sum.clone())  # (K,) device copy, read at the epoch's sync
                     self._snap_steps.append(self.step)
             if self.batch < n_steps:  # a mid-epoch boundary: every_steps reached, or asked to stop
-                self.train_seconds += time.perf_counter() - t0
+                self._count_seconds(time.perf_counter() - t0)
                 if not self._guard(self.loss_sum.tolist()):  # note: sync, at a checkpoint boundary
                     return False
                 for k, m in enumerate(self.members):
@@ -208,7 +211,8 @@ class Population:
         self.loss_sum.zero_()
         self.ce_sum.zero_()
         train_seconds = time.perf_counter() - self._t0
-        self.train_seconds += train_seconds
+        self._count_seconds(train_seconds)
+        share = train_seconds / K  # each member's part of the epoch's steps
         self.epoch, self.batch = self.epoch + 1, 0
         if not self._guard(sums):
             return
@@ -225,7 +229,7 @@ class Population:
             metrics = {"train_loss": train_loss,
                        **({"train_ce": ce_sums[self._was.index(m)] / max(1, self._seen)} if plain else {}),
                        **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]} if val else {}),
-                       "lr": lr, "seconds": time.perf_counter() - self._t0, "train_seconds": train_seconds, **norms}
+                       "lr": lr, "seconds": time.perf_counter() - self._t0, "train_seconds": share, **norms}
             improved = m.monitor.update(metrics, self.epoch)
             m.epochs_done, m.steps_done = self.epoch, self.step
             payload = self._payload(m, k, metrics)
@@ -307,6 +311,8 @@ class Population:
             "optimizer": self.opt.torch_state_dict(k, m.optimizer),
             "epoch": self.epoch, "step": self.step, "steps_per_epoch": self.steps_per_epoch, "metrics": metrics,
             "best": m.monitor.state(), "rng": rng}
+        if m.fold is not None:
+            out["fold"] = list(m.fold)
         if self.batch:
             loss_sum, ce_sum = self.loss_sum[k].item(), self.ce_sum[k].item()  # note: sync, at a checkpoint
             out["in_epoch"] = {"batch": self.batch, "loss_sum": loss_sum, "ce_sum": ce_sum}
@@ -317,8 +323,16 @@ class Population:
         m.epochs_done, m.steps_done = self.epoch, self.step
         checkpoint.save(m.folder / name, self._payload(m, k, metrics))
 
+    def _count_seconds(self, seconds: float) -> None:
+        """The population's training-step time, and each member's share of it (members in the step)."""
+        self.train_seconds += seconds
+        for m in self.members:
+            m.train_seconds += seconds / len(self.members)
+
     def _mark(self, m: Member, status: str) -> None:
-        rundir.write_atomic(m.folder / "status.json", json.dumps({"status": status, "step": self.step}), "status")
+        """status.json at the member's own step (a pruned or early-stopped member left before the others)."""
+        step = m.steps_done if status != "diverged" else self.step
+        rundir.write_atomic(m.folder / "status.json", json.dumps({"status": status, "step": step}), "status")
 
     def _finish(self, m: Member) -> MemberResult:
         """Each member's end, as train()'s: status.json, its HParams, the eval line, its plots."""
@@ -326,15 +340,18 @@ class Population:
             m.status = "finished"
         code = {"preempted": self.preempt.exit_code, "diverged": EXIT_DIVERGED}.get(m.status, 0)
         result = MemberResult(m.folder, m.epochs_done, m.monitor.metric, m.monitor.value, m.monitor.epoch,
-                              m.rows[-1] if m.rows else {}, self.train_seconds, m.status, code,
+                              m.rows[-1] if m.rows else {}, m.train_seconds, m.status, code,
                               self.peak_bytes, len(self.all))
         if m.status != "diverged":
             self._mark(m, m.status)
         if m.events is not None and m.status != "diverged":
             m.events.finish(result)
         if m.status == "preempted":
-            self._say(m, f"stopped by {signal.Signals(self.preempt.signum).name} at step {m.steps_done} (epoch "
-                         f"{m.epochs_done}); to go on: dlbase train --resume {rundir.quote(m.folder / 'last.ckpt')}")
+            inside = m.steps_done - m.epochs_done * self.steps_per_epoch  # steps of the epoch in progress
+            where = (f"in epoch {m.epochs_done + 1}, {inside} of its {self.steps_per_epoch} steps done" if inside
+                     else f"after epoch {m.epochs_done}")
+            self._say(m, f"stopped by {signal.Signals(self.preempt.signum).name} at step {m.steps_done} ({where}); "
+                         f"to go on: dlbase train --resume {rundir.quote(m.folder / 'last.ckpt')}")
         elif (m.folder / "best.ckpt").exists():
             self._say(m, f"{m.status}: {m.monitor.describe()} -> {m.folder / 'best.ckpt'}; test it: dlbase eval "
                          f"{rundir.quote(m.folder / 'best.ckpt')}")

@@ -251,8 +251,15 @@ def seed_configs(cfg: Config, seeds: Sequence[int]) -> list[Config]:
         raise ConfigError(f"--seeds: seed {dup} is listed twice; each seed is one run")
     if not seeds:
         raise ConfigError("--seeds: no seeds given; give a count (3) or a list (0,1,2)")
+    # a second --seeds run of the same name is <name>-2-seed<s> (not <name>-seed<s>-2, which reads as a range):
+    # the first free base for every seed's folder
+    parent = Path(cfg.checkpoint.dir).expanduser()
+    base, k = cfg.name, 1
+    while any((parent / f"{base}-seed{s}").exists() for s in seeds):
+        k += 1
+        base = f"{cfg.name}-{k}"
     # a run name is at most 128 characters: the base name gives way to the seed's suffix
-    return [dataclasses.replace(cfg, seed=s, name=f"{cfg.name[:128 - len(f'-seed{s}')]}-seed{s}") for s in seeds]
+    return [dataclasses.replace(cfg, seed=s, name=f"{base[:128 - len(f'-seed{s}')]}-seed{s}") for s in seeds]
 
 
 def train_seeds(cfg: Config, seeds: Sequence[int], test: bool = False, log: Callable[[str], None] = print,

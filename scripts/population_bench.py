@@ -126,7 +126,7 @@ def main() -> int:
     out = {"members": args.members, "epochs": args.epochs, "device": str(device), "where": where,
            "torch": torch.__version__, "sequential_s": t_seq, "population_s": t_pop, "ratio": t_seq / t_pop,
            "train_seconds_sequential": sum(r.train_seconds for r in seq), "train_seconds_population":
-           pop[0].train_seconds, "peak_bytes_per_member": pop[0].peak_bytes, "peak_rss_bytes": peak_rss_bytes(),
+           sum(r.train_seconds for r in pop), "peak_bytes_per_member": pop[0].peak_bytes, "peak_rss_bytes": peak_rss_bytes(),
            "forward": fw, "val_accuracy_sequential": [r.best_value for r in seq],
            "val_accuracy_population": [r.best_value for r in pop]}
     print(f"sequential: {t_seq:.2f} s end to end ({out['train_seconds_sequential']:.2f} s of training steps)")

@@ -1,6 +1,7 @@
 """Population training (dlbase/population.py, poptrain.py, popmodel.py, popoptim.py) against its oracles: each
 member against the same config trained alone by train(), the stacked optimisers against torch.optim, the run
 folders against what eval, export, predict and --resume read."""
+import csv
 import dataclasses
 import json
 import math
@@ -247,6 +248,24 @@ def test_nan_guard_stops_only_the_diverging_member(base):
         assert_same_run(results[i].folder, alone(cfgs[i]))
 
 
+def test_a_member_that_leaves_early_records_its_own_step_and_share_of_the_time(base):
+    """Issue 21 item 13. Oracle: the lone run of the early-stopped member (its step) and the population's own
+    training time (the members' shares add up to it)."""
+    cfgs = [vary(base, "stops", top={"seed": 1}, optim={"lr": 0.01}, train={"epochs": 4},
+                 early_stop={"patience": 1, "min_delta": 2.0}),
+            vary(base, "goes", top={"seed": 2}, optim={"lr": 0.01}, train={"epochs": 4})]
+    results = train_population(cfgs, log=quiet)
+    lone = alone(cfgs[0])
+    assert json.loads((results[0].folder / "status.json").read_text()) == json.loads(
+        (lone / "status.json").read_text()) == {"status": "early_stopped", "step": 2 * checkpoint.load(
+            lone / "last.ckpt")["steps_per_epoch"]}
+    rows = [list(csv.DictReader(open(r.folder / "metrics.csv"))) for r in results]
+    for r, own in zip(results, rows):
+        assert r.train_seconds == pytest.approx(sum(float(m["train_seconds"]) for m in own), rel=2e-3)  # csv: 4 digits
+    # epochs 1-2: two members share each epoch's time equally; epochs 3-4: the one left has it all
+    assert float(rows[0][0]["train_seconds"]) == pytest.approx(float(rows[1][0]["train_seconds"]))
+
+
 def test_early_stopping_is_per_member(base):
     """One member stops after its patience runs out (min_delta no epoch can beat); the other trains on, and both
     equal their lone runs (the stopped one leaves the stacked step)."""
@@ -375,7 +394,8 @@ def test_dlbase_train_seeds_from_the_command_line(tmp_path, base):
         assert stored.seed == s and stored.optim.lr == 0.01
     r = runner.invoke(app, ["train", "--config", str(cfg), "--seeds", "2", "--set", "train.epochs=1"])
     assert r.exit_code == 0 and "2 seeds: best val_accuracy" in r.stdout and "test accuracy" not in r.stdout
-    assert (tmp_path / "ckpt" / "p-seed0-2").is_dir()  # a new run never overwrites an old one
+    # a new run never overwrites an old one, and its folders read as a second set, not as a range
+    assert {"p-2-seed0", "p-2-seed1"} <= {p.name for p in (tmp_path / "ckpt").iterdir()}
 
 
 @pytest.mark.parametrize("args,words", [
