@@ -26,7 +26,7 @@ from dlbase.model import MLP, build_model, standardizes
 from dlbase.optim import build_optimizer, build_schedule
 from dlbase.popmodel import StackedMLP, activation_bytes_per_member, clip_grad_norms, member_losses
 from dlbase.popoptim import PopOptimizer
-from dlbase.population import MemberResult, PopulationData
+from dlbase.population import MemberResult, PopulationData, folder_list
 from dlbase.preempt import Preemption
 from dlbase.state import Monitor
 from dlbase.train import seed_everything, step_losses
@@ -125,7 +125,7 @@ class Population:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.log(f"population: {K0} members of one shape ({self.configs[0].model.hidden}, {self.configs[0].optim.name}, "
                  f"batch {self.B}) in one step on {self.device}; {self.steps_per_epoch} steps per epoch; run folders: "
-                 f"{', '.join(str(m.folder) for m in self.members)}")
+                 f"{folder_list([m.folder for m in self.members])}")
         try:
             for m in self.members:
                 rundir.write_atomic(m.folder / "config.yaml", to_yaml(m.cfg), "config.yaml")
@@ -137,7 +137,9 @@ class Population:
                     if self._train_epoch():
                         self._end_epoch()
             self.peak_bytes = self._peak_bytes(K0)
-            return [self._finish(m) for m in self.all]
+            results = [self._finish(m) for m in self.all]
+            self._plots()
+            return results
         finally:
             for m in self.all:
                 if m.events is not None:
@@ -355,10 +357,23 @@ class Population:
         elif (m.folder / "best.ckpt").exists():
             self._say(m, f"{m.status}: {m.monitor.describe()} -> {m.folder / 'best.ckpt'}; test it: dlbase eval "
                          f"{rundir.quote(m.folder / 'best.ckpt')}")
-        if m.rows and m.status != "preempted":
-            from dlbase.report import plot_run
-            plot_run(m.folder)
         return result
+
+    def _plots(self) -> None:
+        """Each member's curves.png and gradnorms.png, after every result is saved and printed: up to
+        PLOT_MEMBERS members (each takes about a second); a signal stops the drawing at once."""
+        todo = [m for m in self.all if m.rows and m.status != "preempted"]
+        how = "dlbase plot <run folder> draws a member's curves.png and gradnorms.png"
+        if len(todo) > PLOT_MEMBERS:
+            self.log(f"plots: not drawn for {len(todo)} members (more than {PLOT_MEMBERS}); {how}")
+            return
+        from dlbase.report import plot_run
+        with Preemption() as stop:
+            for i, m in enumerate(todo):
+                if stop.requested:
+                    self.log(f"plots: stopped by a signal after {i} of {len(todo)} (every run is saved); {how}")
+                    return
+                plot_run(m.folder)
 
     def _peak_bytes(self, k0: int) -> int:
         """Peak memory per member: on CUDA the allocator's peak over the population; on the CPU (where the
@@ -370,6 +385,9 @@ class Population:
         state = sum(t.numel() * t.element_size() for ts in self.opt.state.values() for t in ts)
         return (2 * weights + state + self.net.nbytes() - weights) // K + activation_bytes_per_member(
             self.configs[0].model, self.net.encoding.out_features, self.B)
+
+
+PLOT_MEMBERS = 16  # a larger population draws no plots by itself (dlbase plot draws any member's)
 
 
 def _rows(flat: list[float], width: int) -> list[list[float]]:

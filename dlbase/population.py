@@ -229,6 +229,16 @@ class SeedSummary:
 MAX_SEEDS = 10_000
 
 
+def folder_list(folders: Sequence[Path], show: int = 4) -> str:
+    """Folders for one line: all of a few; of many, the first and last few, the count and their parent."""
+    if len(folders) <= 2 * show:
+        return ", ".join(str(f) for f in folders)
+    parents = {f.parent for f in folders}
+    where = f" in {next(iter(parents))}" if len(parents) == 1 else ""
+    return (", ".join(str(f.name if where else f) for f in folders[:show]) + ", ..., "
+            + ", ".join(str(f.name if where else f) for f in folders[-show:]) + f" ({len(folders)} folders{where})")
+
+
 def parse_seeds(text: str) -> list[int]:
     """--seeds: a count N (seeds 0..N-1) or a comma-separated list of seeds (0,7,42; brackets allowed)."""
     parts = [t.strip() for t in text.strip().strip("[]").split(",") if t.strip()]
@@ -272,8 +282,10 @@ def train_seeds(cfg: Config, seeds: Sequence[int], test: bool = False, log: Call
     if stopped:  # every seed that started is saved; the summary would be of unfinished runs
         from dlbase.rundir import quote
         log(f"stopped by a signal: {len(stopped)} of {len(results)} seed runs saved mid-way; go on with each:")
-        for r in stopped:
+        for r in stopped[:8]:
             log(f"  dlbase train --resume {quote(r.folder)}")
+        if len(stopped) > 8:
+            log(f"  ... and {len(stopped) - 8} more: {folder_list([r.folder for r in stopped])}")
         return SeedSummary(results, results[0].best_metric, math.nan, None, [], exit_code=stopped[0].exit_code)
     done = [r for r in results if r.status not in ("diverged",) and math.isfinite(r.best_value)]
     if not done:

@@ -34,7 +34,8 @@ def quiet(line):
     pass
 
 
-PLOTTING = ("test_member_folders_work_with_eval_export_predict_and_resume",)
+PLOTTING = ("test_member_folders_work_with_eval_export_predict_and_resume",
+            "test_a_large_population_summarises_its_folders_and_leaves_plots_on_demand")
 
 
 @pytest.fixture(autouse=True)
@@ -407,3 +408,36 @@ def test_bad_seeds_options_are_one_line(tmp_path, tiny_config, args, words):
     r = CliRunner().invoke(app, ["train", "--config", str(tiny_config), *args])
     assert r.exit_code == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_large_population_summarises_its_folders_and_leaves_plots_on_demand(base):
+    """Issue 21 item 15: no 1000-folder line, no minutes of plots."""
+    from dlbase.poptrain import PLOT_MEMBERS
+    cfgs = [vary(base, f"m{i}", top={"seed": i}, optim={"lr": 0.01}, train={"epochs": 1})
+            for i in range(PLOT_MEMBERS + 1)]
+    lines = []
+    results = train_population(cfgs, log=lines.append)
+    assert all(r.status == "finished" for r in results)
+    head = next(line for line in lines if line.startswith("population:"))
+    assert f"({PLOT_MEMBERS + 1} folders in {results[0].folder.parent})" in head and "m5," not in head
+    assert not any((r.folder / "curves.png").exists() for r in results)
+    assert any(line.startswith("plots: not drawn") and "dlbase plot" in line for line in lines)
+    r = CliRunner().invoke(app, ["plot", str(results[3].folder)])  # on demand
+    assert r.exit_code == 0 and (results[3].folder / "curves.png").is_file()
+
+
+def test_a_signal_during_the_plots_stops_them_at_once(base, monkeypatch):
+    import os
+    import signal
+    from dlbase import report
+    drawn = []
+
+    def plot_and_signal(folder):
+        drawn.append(folder)
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, while the first member's plots are drawn
+    monkeypatch.setattr(report, "plot_run", plot_and_signal)
+    cfgs = [vary(base, f"m{i}", top={"seed": i}, optim={"lr": 0.01}, train={"epochs": 1}) for i in range(3)]
+    lines = []
+    results = train_population(cfgs, log=lines.append)
+    assert [r.status for r in results] == ["finished"] * 3 and len(drawn) == 1
+    assert any(line.startswith("plots: stopped by a signal after 1 of 3") for line in lines)
