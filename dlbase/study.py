@@ -260,23 +260,32 @@ class Study:
                 except optuna.exceptions.UpdateFinishedTrialError:
                     pass
 
-    def retry(self, frozen) -> None:
-        """Enqueue a failed (killed, stopped) trial's retry: same params, same slot, within spec.retries."""
+    def retry(self, frozen, counts: bool = True) -> None:
+        """Enqueue a failed (killed, errored) trial's retry: same params, same slot, within spec.retries. A stop
+        the user asked for (a signal) is not a failure: counts=False enqueues its retry without using one up."""
         from optuna.storages import RetryHeartbeatStaleTrialCallback
-        RetryHeartbeatStaleTrialCallback(max_retry=self.spec.retries)(self.study, frozen)
+        if counts:
+            RetryHeartbeatStaleTrialCallback(max_retry=self.spec.retries)(self.study, frozen)
+            return
+        optuna = _optuna()
+        system_attrs = {"failed_trial": frozen.number, "retry_history": [], **frozen.system_attrs}
+        self.study.add_trial(optuna.create_trial(
+            state=optuna.trial.TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
+            user_attrs=frozen.user_attrs, system_attrs=system_attrs))
 
     def beating(self, trial) -> "_Heartbeat":
         return _Heartbeat(self, trial._trial_id)
 
-    def give_back(self, trials: list) -> None:
+    def give_back(self, trials: list, counts: bool = True) -> None:
         """Trials of ours still running when we stop (a signal, an error): failed, each with its retry, which
-        goes on from the trial's checkpoints."""
+        goes on from the trial's checkpoints. counts: False for a stop the user asked for, which uses up none
+        of spec.retries (only an error or a worker's death does)."""
         from optuna.trial import TrialState
         for trial in trials:
             frozen = self.storage.get_trial(trial._trial_id)
             if frozen.state == TrialState.RUNNING:
                 self.study.tell(trial, state=TrialState.FAIL)
-                self.retry(self.storage.get_trial(trial._trial_id))
+                self.retry(self.storage.get_trial(trial._trial_id), counts)
 
     # ------------------------------------------------------------------ reading it
     def rows(self) -> tuple[dict, int]:
@@ -294,7 +303,8 @@ class Study:
                 rows[slot] = t.user_attrs[ROW]
             elif t.state == TrialState.FAIL:
                 tries = len(t.system_attrs.get("retry_history", [])) + 1
-                rows[slot] = {"trial": f"trial-{slot:03d}", "status": "failed", "score": None, "std": None,
+                values = decode(self.spec.params, t.params) if set(t.params) == set(self.spec.params) else {}
+                rows[slot] = {"trial": f"trial-{slot:03d}", **values, "status": "failed", "score": None, "std": None,
                               "epochs": None, "seconds": None,
                               "error": f"its worker stopped {tries} time(s) (sweep.retries={self.spec.retries})"}
             else:

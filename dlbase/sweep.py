@@ -204,7 +204,8 @@ class Sweep:
                         else:
                             run_population(self, study, taken, prefix)
                 except BaseException as e:  # a signal, an error: what is not told yet is retried, from its files
-                    study.give_back(taken)
+                    # a stop the user asked for (SIGTERM, Ctrl-C) is not a failure: it uses up no retry
+                    study.give_back(taken, counts=not isinstance(e, (SweepStopped, KeyboardInterrupt)))
                     if isinstance(e, SweepStopped):
                         raise SweepStopped(prefix + str(e), e.exit_code) from None
                     raise

@@ -331,3 +331,48 @@ def test_every_sweep_file_goes_through_the_atomic_write(tmp_path, tiny_data, mon
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "winner.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
     assert (root / "results.csv").read_text() == results
+
+
+def _stop_during_trial(args, last, timeout=120):
+    """Start `dlbase sweep args` in a process, SIGTERM it once last.ckpt is (re)written, return its exit status."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    before = last.stat().st_mtime_ns if last.exists() else None
+    proc = subprocess.Popen([sys.executable, "-m", "dlbase", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + timeout
+    while not (last.exists() and last.stat().st_mtime_ns != before):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out + err
+
+
+def test_a_signal_uses_up_no_retry(tmp_path, tiny_data):
+    cfg = plain_base(tmp_path, tiny_data)
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump({"name": "sig", "retries": 1, "params": {"optim.lr": [0.01]}}))
+    args = ["sweep", "--config", str(cfg), "--sweep", str(spec_file), "--set", "train.epochs=200"]
+    root = tmp_path / "ckpt" / "sig"
+    for _ in range(2):  # more stops than retries: a stop the user asked for is not a failure
+        code, out = _stop_during_trial(args, root / "trial-000" / "last.ckpt")
+        assert code == 143, out
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(root / "trial-000" / "metrics.csv")))
+    assert [int(m["epoch"]) for m in rows] == list(range(1, 201))  # resumed, every epoch once
+    assert next(csv.DictReader(open(root / "results.csv")))["status"] == "finished"
+
+
+def test_a_failed_trial_keeps_its_parameters_in_results_csv(tmp_path):
+    from dlbase.study import Study
+    s = parse_spec({"name": "f", "retries": 0, "params": {"optim.lr": [0.01, 0.003]}}, "s.yaml", "x")
+    study = Study(s, tmp_path, None, {}, log=lambda line: None)
+    trial = study.take()
+    trial.suggest_categorical("optim.lr", [0.01, 0.003])
+    study.give_back([trial])  # an error: counts against retries (0 here): failed for good
+    rows, open_ = study.rows()
+    assert open_ == 1 and rows[0]["status"] == "failed" and rows[0]["optim.lr"] == 0.01
