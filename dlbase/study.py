@@ -29,6 +29,7 @@ JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 SLOT = "dlbase.slot"  # user attr: the trial's slot (its folder trial-NNN); a retry inherits it
 ROW = "dlbase.row"  # user attr: the trial's row of results.csv, once it has one
+BASE = "dlbase.base"  # user attr: the resolved base config (dotted key -> value) the study was made from
 HEARTBEAT = "dlbase.heartbeat"  # system attr: the last beat (time.time()), where the storage has no heartbeat
 
 
@@ -179,7 +180,7 @@ class Study:
     READY = "dlbase.ready"
 
     def __init__(self, spec, root: Path, storage_text: Optional[str], record: dict, rank: int = 0,
-                 steps: int = 1, log: Callable[[str], None] = print):
+                 steps: int = 1, log: Callable[[str], None] = print, base: Optional[dict] = None):
         optuna = _optuna()
         self.spec, self.log = spec, log
         self.url = storage_url(storage_text, root)
@@ -198,10 +199,16 @@ class Study:
                 for i, params in enumerate(slots(spec)):
                     self.study.enqueue_trial(params, user_attrs={SLOT: i})
                 self.study.set_user_attr("dlbase.sweep", record)
+                self.study.set_user_attr(BASE, base)
                 self.study.set_user_attr(self.READY, True)  # last: a worker that joins now finds every slot
             else:
                 self._wait_ready(where)
                 stored = self.study.user_attrs.get("dlbase.sweep")
+                if isinstance(stored, dict):  # studies made before --set was recorded resolved, in BASE
+                    stored = {k: stored.get(k) for k in record}
+                if BASE not in self.study.user_attrs and base is not None:  # a study older than BASE
+                    self.study.set_user_attr(BASE, base)
+            self.base = self.study.user_attrs.get(BASE)  # the resolved base config it was made from
         except DlbaseError:
             raise
         except Exception as e:  # the database refused: read-only, full, a lost connection

@@ -191,13 +191,13 @@ _ABSENT = object()
 def changed_keys(stored: dict, now: dict) -> list[str]:
     """'key: old -> new' for each dotted key whose value differs between two resolved configs (to_dict); where
     the files go (WHERE_KEYS) is not compared."""
-    a, b = _flat(stored), _flat(now)
+    a, b = flat(stored), flat(now)
     return [f"{k}: {cell(a.get(k, '(absent)'))} -> {cell(b.get(k, '(absent)'))}"
             for k in sorted(a.keys() | b.keys()) if k not in WHERE_KEYS and a.get(k, _ABSENT) != b.get(k, _ABSENT)]
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out

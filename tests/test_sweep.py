@@ -376,3 +376,38 @@ def test_a_failed_trial_keeps_its_parameters_in_results_csv(tmp_path):
     study.give_back([trial])  # an error: counts against retries (0 here): failed for good
     rows, open_ = study.rows()
     assert open_ == 1 and rows[0]["status"] == "failed" and rows[0]["optim.lr"] == 0.01
+
+
+def test_a_rerun_with_another_base_is_refused_naming_the_key_even_without_trial_folders(tmp_path, tiny_data):
+    import shutil
+    args = ["sweep", "--config", str(plain_base(tmp_path, tiny_data)), "--grid", "optim.lr=[0.03]"]
+    assert runner.invoke(app, args).exit_code == 0
+    root = tmp_path / "ckpt" / "sw_sweep"
+    record = (root / "sweep.yaml").read_bytes()
+    r = runner.invoke(app, [*args, "--set", "train.epochs=2"])  # the trial's own result names the key
+    assert r.exit_code == 2 and "train.epochs: 1 -> 2" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    shutil.rmtree(root / "trial-000")  # no trial folder left: the study's record of its base refuses it
+    r = runner.invoke(app, [*args, "--set", "train.batch_size=25"])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "train.batch_size: 50 -> 25" in r.stderr and "study.db" in r.stderr
+    assert "trial-000:" not in r.stdout and (root / "sweep.yaml").read_bytes() == record  # a refusal writes nothing
+    assert optuna_study(root)["dlbase.base"]["train.batch_size"] == 50  # oracle: Optuna's own view of the study
+
+
+def optuna_study(root):
+    import optuna
+    return optuna.load_study(study_name=root.name, storage=f"sqlite:///{root / 'study.db'}").user_attrs
+
+
+def test_two_machines_with_different_base_configs_do_not_join_one_study(tmp_path, tiny_data):
+    cfg = plain_base(tmp_path, tiny_data)
+    log = tmp_path / "shared" / "study.log"
+    args = ["--grid", "optim.lr=[0.03]", "--storage", str(log)]
+    assert runner.invoke(app, ["sweep", "--config", str(cfg), *args]).exit_code == 0
+    other = tmp_path / "other.yaml"  # the second machine: its own folder, and another base
+    other.write_text(cfg.read_text().replace("hidden: [16]", "hidden: [24]"))
+    r = runner.invoke(app, ["sweep", "--config", str(other), *args, "--set", f"checkpoint.dir={tmp_path / 'm2'}"])
+    assert r.exit_code == 2 and "model.hidden: [16] -> [24]" in r.stderr and str(log) in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "m2" / "sw_sweep" / "trial-000").exists()
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), *args, "--set", f"checkpoint.dir={tmp_path / 'm2'}"])
+    assert r.exit_code == 0 and "1 done" in r.stdout, r.output  # the same base elsewhere joins, as before
