@@ -150,6 +150,9 @@ def open_storage(url: str, heartbeat: int, retries: int, where: str):
         except OSError as e:
             raise ConfigError(f"{where}: cannot write the journal file {path}: {e.strerror or e}") from None
     scheme = url.split("://", 1)[0]
+    if scheme.split("+")[0] == "sqlite" and _in_memory(url):
+        raise ConfigError(f"{where}: {url!r} is an in-memory SQLite database, which no other worker or rerun can "
+                          f"see; give a file (sqlite:///study.db) or a server (postgresql://user@host/db)")
     if scheme in ("postgresql", "postgres") and not _importable("psycopg2"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3 is what dlbase installs
     kwargs: dict = {"connect_args": {"timeout": 60}} if scheme == "sqlite" else {"pool_pre_ping": True}
@@ -162,6 +165,11 @@ def open_storage(url: str, heartbeat: int, retries: int, where: str):
     except Exception as e:  # sqlalchemy's errors: a bad URL, a server not there, a refused login
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{where}: cannot open the study's storage {_hide_password(url)}: {first}") from None
+
+
+def _in_memory(url: str) -> bool:
+    path, _, query = url.split("://", 1)[1].lstrip("/").partition("?")
+    return not path or path.startswith(":memory:") or "mode=memory" in query
 
 
 def _importable(name: str) -> bool:

@@ -18,6 +18,7 @@ from dlbase.rundir import cell
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
 SWEEP_KEYS = ("name", "method", "trials", "seed", "params", "metric", "mode", "cv_folds", "pruner", "prune_after",
               "storage", "heartbeat", "retries", "population")
+MAX_TRIALS = 10_000  # a sweep's trials at most: more would take minutes and gigabytes just to enqueue
 NAME_RULE = {f.name: f.metadata for f in dataclasses.fields(Config)}["name"]  # a sweep is named like a run
 
 
@@ -78,6 +79,8 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
         v = raw.get(key, default)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo or v > 10**6):
             raise _fail(source, f"sweep.{key}", f"{v!r} is not an integer >= {lo}")
+        if key == "trials" and method != "grid" and v > MAX_TRIALS:
+            raise _fail(source, "sweep.trials", f"{v:,} trials: at most {MAX_TRIALS:,} per sweep")
         ints[key] = v
     from dlbase.sweep_population import check_population
     population = raw.get("population", 1)
@@ -116,6 +119,12 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
                     raise _fail(source, where, "int_uniform needs integer low and high")
         else:
             raise _fail(source, where, f"{space!r} is neither a list of values nor a distribution mapping")
+    if method == "grid":
+        points = math.prod(len(v) for v in params.values())
+        if points > MAX_TRIALS:
+            raise _fail(source, "sweep.params", f"the grid has {points:,} points "
+                                                f"({' x '.join(str(len(v)) for v in params.values())}); at most "
+                                                f"{MAX_TRIALS:,} trials per sweep")
     name = raw.get("name", default_name)
     name = str(name) if isinstance(name, int) and not isinstance(name, bool) else name
     if not isinstance(name, str) or not re.fullmatch(NAME_RULE["pattern"], name):  # it names a folder

@@ -411,3 +411,25 @@ def test_two_machines_with_different_base_configs_do_not_join_one_study(tmp_path
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "m2" / "sw_sweep" / "trial-000").exists()
     r = runner.invoke(app, ["sweep", "--config", str(cfg), *args, "--set", f"checkpoint.dir={tmp_path / 'm2'}"])
     assert r.exit_code == 0 and "1 done" in r.stdout, r.output  # the same base elsewhere joins, as before
+
+
+@pytest.mark.parametrize("storage", ["sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_storage_is_refused(tmp_path, tiny_data, storage):
+    r = runner.invoke(app, ["sweep", "--config", str(plain_base(tmp_path, tiny_data)), "--grid", "optim.lr=[0.03]",
+                            "--storage", storage])
+    assert r.exit_code == 2 and "in-memory" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "ckpt" / "sw_sweep" / "trial-000").exists()
+
+
+@pytest.mark.parametrize("extra", [["--grid", f"optim.lr=[{', '.join(str(i + 1) for i in range(1000))}]",
+                                    "--grid", f"optim.weight_decay=[{', '.join(str(i) for i in range(1000))}]"]])
+def test_an_absurd_grid_is_refused_up_front(tmp_path, tiny_data, extra):
+    r = runner.invoke(app, ["sweep", "--config", str(plain_base(tmp_path, tiny_data)), *extra])
+    assert r.exit_code == 2 and "1,000,000 points" in r.stderr and "10,000" in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_absurdly_many_random_trials_are_refused():
+    with pytest.raises(ConfigError, match="sweep.trials: 1,000,000 trials: at most 10,000"):
+        parse_spec({"method": "random", "trials": 10**6,
+                    "params": {"optim.lr": {"distribution": "uniform", "low": 0.1, "high": 1}}}, "s.yaml", "x")
