@@ -93,6 +93,9 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
                                              f"postgresql://user@host/db) or a journal file path (study.log)")
     for key, space in params.items():
         where = f"sweep.params.{key}"
+        if key in (*WHERE_KEYS, "train.early_stop.metric"):
+            raise _fail(source, where, "every trial sets it itself (its folder, or the sweep's metric): sweeping it "
+                                       "would run identical trials")
         if isinstance(space, list):
             if not space:
                 raise _fail(source, where, "an empty list: give at least one value")
@@ -101,6 +104,11 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
             dist = space.get("distribution")
             if dist not in DISTRIBUTIONS:
                 raise _fail(source, where, f"distribution {dist!r} is not one of {', '.join(DISTRIBUTIONS)}")
+            allowed = ("distribution", "values") if dist == "choice" else ("distribution", "low", "high")
+            extra = [k for k in space if k not in allowed]
+            if extra:
+                raise _fail(source, where, f"unknown key {extra[0]!r} in a {dist} distribution; allowed: "
+                                           f"{', '.join(allowed)}")
             if method == "grid":
                 raise _fail(source, where, "a distribution needs method: tpe or random (grid takes lists)")
             if dist == "choice":
@@ -136,9 +144,20 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
 
 
 def _distinct(source: str, where: str, values: list, encode: Callable) -> None:
-    seen = [encode(v) for v in values]  # as Optuna compares choices: 1, 1.0 and True are one value
+    # as Optuna compares choices: 1, 1.0 and True are one value; a string is also the value its YAML text is
+    # ("0.1" and 0.1 give one config)
+    seen = [encode(_as_yaml(v)) for v in values]
     if any(a == b for i, a in enumerate(seen) for b in seen[i + 1:]):
         raise _fail(source, where, f"{values!r} repeats a value (a list and its JSON text count as one)")
+
+
+def _as_yaml(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return parse_yaml(value, "a value")
+    except ConfigError:
+        return value
 
 
 def parse_grid_option(text: str) -> tuple[str, list]:

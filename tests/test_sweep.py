@@ -433,3 +433,14 @@ def test_absurdly_many_random_trials_are_refused():
     with pytest.raises(ConfigError, match="sweep.trials: 1,000,000 trials: at most 10,000"):
         parse_spec({"method": "random", "trials": 10**6,
                     "params": {"optim.lr": {"distribution": "uniform", "low": 0.1, "high": 1}}}, "s.yaml", "x")
+
+
+@pytest.mark.parametrize("params,words", [
+    ({"optim.lr": {"distribution": "uniform", "low": 0.1, "high": 1, "step": 0.5, "foo": "bar"}}, "unknown key 'step'"),
+    ({"name": ["a", "b"]}, "identical trials"),
+    ({"checkpoint.dir": ["/tmp/a", "/tmp/b"]}, "identical trials"),
+    ({"optim.lr": [0.1, "0.1"]}, "repeats a value"),
+])
+def test_spec_entries_that_would_do_nothing_are_refused(params, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_spec({"method": "random", "params": params}, "s.yaml", "x")
