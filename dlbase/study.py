@@ -416,5 +416,22 @@ class StudyError(DlbaseError):
     """The study's storage failed during the sweep."""
 
 
+def storage_errors(url: str):
+    """Context manager: the storage failing mid-sweep (a database gone away) is one line naming it, not
+    Optuna's traceback."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        optuna = _optuna()
+        try:
+            yield
+        except optuna.exceptions.StorageInternalError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StudyError(f"the study's storage {_hide_password(url)} failed mid-sweep ({first}); finished "
+                             f"trials are kept there: once it is reachable, rerun the same command to go on") from None
+    return guard()
+
+
 def finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -167,6 +167,11 @@ class Sweep:
         """Take trials until the study has none left (here, or in `workers` processes started with worker_argv),
         then rank them, write results.csv and best.yaml, and test the winner once. worker: this process is that
         worker of another `dlbase sweep`, which ranks and tests: it only takes trials."""
+        from dlbase.study import storage_errors, storage_url
+        with storage_errors(storage_url(self.storage_text, self.root)):
+            return self._run(workers, worker_argv, worker)
+
+    def _run(self, workers: int, worker_argv: Optional[list[str]], worker: Optional[int]) -> dict:
         spec = self.spec
         self._check_folder()
         study = self.open_study(worker or 0)

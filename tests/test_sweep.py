@@ -444,3 +444,16 @@ def test_absurdly_many_random_trials_are_refused():
 def test_spec_entries_that_would_do_nothing_are_refused(params, words):
     with pytest.raises(ConfigError, match=words):
         parse_spec({"method": "random", "params": params}, "s.yaml", "x")
+
+
+def test_a_storage_failing_mid_sweep_is_one_line_naming_it_without_its_password():
+    import optuna
+
+    from dlbase.study import StudyError, storage_errors
+    url = "postgresql://me:secret@db.example/sweeps"
+    with pytest.raises(StudyError) as e:
+        with storage_errors(url):
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.\nmore lines")
+    text = str(e.value)
+    assert "postgresql://me:***@db.example/sweeps" in text and "secret" not in text and "rerun" in text
+    assert "\n" not in text and e.value.exit_code == 2
