@@ -29,6 +29,7 @@ JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 SLOT = "dlbase.slot"  # user attr: the trial's slot (its folder trial-NNN); a retry inherits it
 ROW = "dlbase.row"  # user attr: the trial's row of results.csv, once it has one
+BASE = "dlbase.base"  # user attr: the resolved base config (dotted key -> value) the study was made from
 HEARTBEAT = "dlbase.heartbeat"  # system attr: the last beat (time.time()), where the storage has no heartbeat
 
 
@@ -149,6 +150,9 @@ def open_storage(url: str, heartbeat: int, retries: int, where: str):
         except OSError as e:
             raise ConfigError(f"{where}: cannot write the journal file {path}: {e.strerror or e}") from None
     scheme = url.split("://", 1)[0]
+    if scheme.split("+")[0] == "sqlite" and _in_memory(url):
+        raise ConfigError(f"{where}: {url!r} is an in-memory SQLite database, which no other worker or rerun can "
+                          f"see; give a file (sqlite:///study.db) or a server (postgresql://user@host/db)")
     if scheme in ("postgresql", "postgres") and not _importable("psycopg2"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3 is what dlbase installs
     kwargs: dict = {"connect_args": {"timeout": 60}} if scheme == "sqlite" else {"pool_pre_ping": True}
@@ -161,6 +165,11 @@ def open_storage(url: str, heartbeat: int, retries: int, where: str):
     except Exception as e:  # sqlalchemy's errors: a bad URL, a server not there, a refused login
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{where}: cannot open the study's storage {_hide_password(url)}: {first}") from None
+
+
+def _in_memory(url: str) -> bool:
+    path, _, query = url.split("://", 1)[1].lstrip("/").partition("?")
+    return not path or path.startswith(":memory:") or "mode=memory" in query
 
 
 def _importable(name: str) -> bool:
@@ -179,7 +188,7 @@ class Study:
     READY = "dlbase.ready"
 
     def __init__(self, spec, root: Path, storage_text: Optional[str], record: dict, rank: int = 0,
-                 steps: int = 1, log: Callable[[str], None] = print):
+                 steps: int = 1, log: Callable[[str], None] = print, base: Optional[dict] = None):
         optuna = _optuna()
         self.spec, self.log = spec, log
         self.url = storage_url(storage_text, root)
@@ -198,10 +207,16 @@ class Study:
                 for i, params in enumerate(slots(spec)):
                     self.study.enqueue_trial(params, user_attrs={SLOT: i})
                 self.study.set_user_attr("dlbase.sweep", record)
+                self.study.set_user_attr(BASE, base)
                 self.study.set_user_attr(self.READY, True)  # last: a worker that joins now finds every slot
             else:
                 self._wait_ready(where)
                 stored = self.study.user_attrs.get("dlbase.sweep")
+                if isinstance(stored, dict):  # studies made before --set was recorded resolved, in BASE
+                    stored = {k: stored.get(k) for k in record}
+                if BASE not in self.study.user_attrs and base is not None:  # a study older than BASE
+                    self.study.set_user_attr(BASE, base)
+            self.base = self.study.user_attrs.get(BASE)  # the resolved base config it was made from
         except DlbaseError:
             raise
         except Exception as e:  # the database refused: read-only, full, a lost connection
@@ -260,23 +275,32 @@ class Study:
                 except optuna.exceptions.UpdateFinishedTrialError:
                     pass
 
-    def retry(self, frozen) -> None:
-        """Enqueue a failed (killed, stopped) trial's retry: same params, same slot, within spec.retries."""
+    def retry(self, frozen, counts: bool = True) -> None:
+        """Enqueue a failed (killed, errored) trial's retry: same params, same slot, within spec.retries. A stop
+        the user asked for (a signal) is not a failure: counts=False enqueues its retry without using one up."""
         from optuna.storages import RetryHeartbeatStaleTrialCallback
-        RetryHeartbeatStaleTrialCallback(max_retry=self.spec.retries)(self.study, frozen)
+        if counts:
+            RetryHeartbeatStaleTrialCallback(max_retry=self.spec.retries)(self.study, frozen)
+            return
+        optuna = _optuna()
+        system_attrs = {"failed_trial": frozen.number, "retry_history": [], **frozen.system_attrs}
+        self.study.add_trial(optuna.create_trial(
+            state=optuna.trial.TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
+            user_attrs=frozen.user_attrs, system_attrs=system_attrs))
 
     def beating(self, trial) -> "_Heartbeat":
         return _Heartbeat(self, trial._trial_id)
 
-    def give_back(self, trials: list) -> None:
+    def give_back(self, trials: list, counts: bool = True) -> None:
         """Trials of ours still running when we stop (a signal, an error): failed, each with its retry, which
-        goes on from the trial's checkpoints."""
+        goes on from the trial's checkpoints. counts: False for a stop the user asked for, which uses up none
+        of spec.retries (only an error or a worker's death does)."""
         from optuna.trial import TrialState
         for trial in trials:
             frozen = self.storage.get_trial(trial._trial_id)
             if frozen.state == TrialState.RUNNING:
                 self.study.tell(trial, state=TrialState.FAIL)
-                self.retry(self.storage.get_trial(trial._trial_id))
+                self.retry(self.storage.get_trial(trial._trial_id), counts)
 
     # ------------------------------------------------------------------ reading it
     def rows(self) -> tuple[dict, int]:
@@ -294,7 +318,8 @@ class Study:
                 rows[slot] = t.user_attrs[ROW]
             elif t.state == TrialState.FAIL:
                 tries = len(t.system_attrs.get("retry_history", [])) + 1
-                rows[slot] = {"trial": f"trial-{slot:03d}", "status": "failed", "score": None, "std": None,
+                values = decode(self.spec.params, t.params) if set(t.params) == set(self.spec.params) else {}
+                rows[slot] = {"trial": f"trial-{slot:03d}", **values, "status": "failed", "score": None, "std": None,
                               "epochs": None, "seconds": None,
                               "error": f"its worker stopped {tries} time(s) (sweep.retries={self.spec.retries})"}
             else:
@@ -389,6 +414,23 @@ def _alive(pid: int) -> bool:
 
 class StudyError(DlbaseError):
     """The study's storage failed during the sweep."""
+
+
+def storage_errors(url: str):
+    """Context manager: the storage failing mid-sweep (a database gone away) is one line naming it, not
+    Optuna's traceback."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        optuna = _optuna()
+        try:
+            yield
+        except optuna.exceptions.StorageInternalError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StudyError(f"the study's storage {_hide_password(url)} failed mid-sweep ({first}); finished "
+                             f"trials are kept there: once it is reachable, rerun the same command to go on") from None
+    return guard()
 
 
 def finite(v: Any) -> bool:

@@ -27,7 +27,7 @@ from dlbase import checkpoint, rundir
 from dlbase.config import Config, config_from_dict, to_dict, to_yaml
 from dlbase.errors import ConfigError, DlbaseError, TrainingDiverged
 from dlbase.sweepspec import (DISTRIBUTIONS, SWEEP_KEYS, WHERE_KEYS, SweepSpec, changed_keys,  # noqa: F401
-                              load_sweep, parse_grid_option, parse_spec, sample, trial_config)
+                              flat, load_sweep, parse_grid_option, parse_spec, sample, trial_config)
 
 RESULT_FILE = "result.json"  # a finished (or diverged) trial's row and resolved config: reruns reuse it
 
@@ -74,15 +74,22 @@ class Sweep:
 
     def record(self) -> dict:
         """What makes this sweep this sweep (sweep.yaml, and the study's own record): where its database is
-        does not count, so several machines can name it differently."""
+        does not count, so several machines can name it differently. The base config and --set are recorded
+        apart, resolved (base_record), so a change names its keys."""
         how = ("storage", "heartbeat", "retries", "population")  # how it runs, not what it finds
         spec = {k: v for k, v in self.spec.__dict__.items() if k not in how}
-        sets = [t for t in self.sets if t.partition("=")[0].strip() not in WHERE_KEYS]  # each machine its folder
-        return yaml.safe_load(yaml.safe_dump({"set": sets, **spec}))
+        return yaml.safe_load(yaml.safe_dump(spec))
+
+    def base_record(self) -> dict:
+        """The resolved base config (with --set) as dotted key -> value, less what no trial takes from it: the
+        swept keys, where the files go (each machine its folder) and the early-stop metric (the sweep's)."""
+        skip = {*self.spec.params, *WHERE_KEYS, "train.early_stop.metric"}
+        return yaml.safe_load(yaml.safe_dump({k: v for k, v in flat(to_dict(self.base)).items() if k not in skip}))
 
     # ------------------------------------------------------------------ checks, before any trial runs
     def _check_folder(self) -> None:
-        """The folder is writable and holds this sweep or none; then sweep.yaml records the sweep."""
+        """The folder is writable and holds this sweep or none. Writes nothing: sweep.yaml is written once every
+        check passed (_write_record), so a refused rerun leaves it as it was."""
         rundir.check_writable(self.root)  # checkpoint.dir read-only, or a file: one line now, not a traceback later
         record = self.record()
         stored = self.root / "sweep.yaml"
@@ -92,10 +99,28 @@ class Sweep:
             except yaml.YAMLError:
                 before = None
             if not isinstance(before, dict) or any(before.get(k) != v for k, v in record.items()):
-                raise ConfigError(f"{stored}: this folder holds another sweep (other params, spec or --set); give "
-                                  f"the new one another name (sweep name: or --set checkpoint.dir=...), or delete "
-                                  f"{self.root}")
-        rundir.write_atomic(stored, yaml.safe_dump({"base": self.source, **record}, sort_keys=False), "sweep.yaml")
+                changes = (changed_keys({k: before.get(k) for k in record}, record) if isinstance(before, dict)
+                           else ["unreadable"])
+                raise ConfigError(f"{stored}: this folder holds another sweep ({_shown(changes)}); give the new one "
+                                  f"another name (sweep name: or --set checkpoint.dir=...), or delete {self.root}")
+
+    def _check_base(self, study) -> None:
+        """The study was made from this base config (and --set), on this machine or another sharing it."""
+        stored = study.base
+        changes = changed_keys(stored, self.base_record()) if isinstance(stored, dict) else []
+        if changes:
+            where = (f"{self.root / 'study.db'}" if not self.storage_text else
+                     f"--storage {_shown_url(study.url)}")
+            redo = (f"delete {rundir.quote(self.root)}" if not self.storage_text else
+                    f"delete the study (optuna delete-study --study-name {self.spec.name})")
+            raise ConfigError(f"{where}: study {self.spec.name!r} was made from another base config than "
+                              f"{self.source} and --set give now ({_shown(changes)}); to keep both, give this sweep "
+                              f"another name (sweep name: or --set checkpoint.dir=...); to redo it, {redo}")
+
+    def _write_record(self) -> None:
+        rundir.write_atomic(self.root / "sweep.yaml",
+                            yaml.safe_dump({"base": self.source, **self.record(), "base_config": self.base_record()},
+                                           sort_keys=False), "sweep.yaml")
 
     def _check_trials(self, study) -> None:
         """Refuse a trial folder here whose result or checkpoint came from another config than its slot's
@@ -127,7 +152,7 @@ class Sweep:
         """A result or checkpoint is reused only if its whole resolved config is the one cfg resolves to now."""
         changes = changed_keys(stored, to_dict(cfg)) if isinstance(stored, dict) else ["no config stored with it"]
         if changes:
-            shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+            shown = _shown(changes)
             raise ConfigError(f"{path}: {cfg.name} was trained with another config than {self.source} gives it now "
                               f"({shown}); to keep both, give this sweep another name (sweep name: or --set "
                               f"checkpoint.dir=...); to redo it, delete {rundir.quote(redo)}")
@@ -136,16 +161,23 @@ class Sweep:
     def open_study(self, rank: int = 0):
         from dlbase.study import Study
         return Study(self.spec, self.root, self.storage_text, self.record(), rank,
-                     self.folds if self.spec.cv_folds else self.base.train.epochs, self.log)
+                     self.folds if self.spec.cv_folds else self.base.train.epochs, self.log, self.base_record())
 
     def run(self, workers: int = 1, worker_argv: Optional[list[str]] = None, worker: Optional[int] = None) -> dict:
         """Take trials until the study has none left (here, or in `workers` processes started with worker_argv),
         then rank them, write results.csv and best.yaml, and test the winner once. worker: this process is that
         worker of another `dlbase sweep`, which ranks and tests: it only takes trials."""
+        from dlbase.study import storage_errors, storage_url
+        with storage_errors(storage_url(self.storage_text, self.root)):
+            return self._run(workers, worker_argv, worker)
+
+    def _run(self, workers: int, worker_argv: Optional[list[str]], worker: Optional[int]) -> dict:
         spec = self.spec
         self._check_folder()
         study = self.open_study(worker or 0)
         self._check_trials(study)
+        self._check_base(study)
+        self._write_record()
         if worker is not None:
             self._work(study, f"[worker {worker}] ")
             return {}
@@ -204,7 +236,8 @@ class Sweep:
                         else:
                             run_population(self, study, taken, prefix)
                 except BaseException as e:  # a signal, an error: what is not told yet is retried, from its files
-                    study.give_back(taken)
+                    # a stop the user asked for (SIGTERM, Ctrl-C) is not a failure: it uses up no retry
+                    study.give_back(taken, counts=not isinstance(e, (SweepStopped, KeyboardInterrupt)))
                     if isinstance(e, SweepStopped):
                         raise SweepStopped(prefix + str(e), e.exit_code) from None
                     raise
@@ -466,6 +499,10 @@ def rank(rows: list[dict], mode: str) -> list[dict]:
 
 def _shown_row(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("config", "host")}
+
+
+def _shown(changes: list[str]) -> str:
+    return "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
 
 
 def _shown_url(url: str) -> str:

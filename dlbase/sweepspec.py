@@ -18,6 +18,7 @@ from dlbase.rundir import cell
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
 SWEEP_KEYS = ("name", "method", "trials", "seed", "params", "metric", "mode", "cv_folds", "pruner", "prune_after",
               "storage", "heartbeat", "retries", "population")
+MAX_TRIALS = 10_000  # a sweep's trials at most: more would take minutes and gigabytes just to enqueue
 NAME_RULE = {f.name: f.metadata for f in dataclasses.fields(Config)}["name"]  # a sweep is named like a run
 
 
@@ -78,6 +79,8 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
         v = raw.get(key, default)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo or v > 10**6):
             raise _fail(source, f"sweep.{key}", f"{v!r} is not an integer >= {lo}")
+        if key == "trials" and method != "grid" and v > MAX_TRIALS:
+            raise _fail(source, "sweep.trials", f"{v:,} trials: at most {MAX_TRIALS:,} per sweep")
         ints[key] = v
     from dlbase.sweep_population import check_population
     population = raw.get("population", 1)
@@ -90,6 +93,9 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
                                              f"postgresql://user@host/db) or a journal file path (study.log)")
     for key, space in params.items():
         where = f"sweep.params.{key}"
+        if key in (*WHERE_KEYS, "train.early_stop.metric"):
+            raise _fail(source, where, "every trial sets it itself (its folder, or the sweep's metric): sweeping it "
+                                       "would run identical trials")
         if isinstance(space, list):
             if not space:
                 raise _fail(source, where, "an empty list: give at least one value")
@@ -98,6 +104,11 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
             dist = space.get("distribution")
             if dist not in DISTRIBUTIONS:
                 raise _fail(source, where, f"distribution {dist!r} is not one of {', '.join(DISTRIBUTIONS)}")
+            allowed = ("distribution", "values") if dist == "choice" else ("distribution", "low", "high")
+            extra = [k for k in space if k not in allowed]
+            if extra:
+                raise _fail(source, where, f"unknown key {extra[0]!r} in a {dist} distribution; allowed: "
+                                           f"{', '.join(allowed)}")
             if method == "grid":
                 raise _fail(source, where, "a distribution needs method: tpe or random (grid takes lists)")
             if dist == "choice":
@@ -116,6 +127,12 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
                     raise _fail(source, where, "int_uniform needs integer low and high")
         else:
             raise _fail(source, where, f"{space!r} is neither a list of values nor a distribution mapping")
+    if method == "grid":
+        points = math.prod(len(v) for v in params.values())
+        if points > MAX_TRIALS:
+            raise _fail(source, "sweep.params", f"the grid has {points:,} points "
+                                                f"({' x '.join(str(len(v)) for v in params.values())}); at most "
+                                                f"{MAX_TRIALS:,} trials per sweep")
     name = raw.get("name", default_name)
     name = str(name) if isinstance(name, int) and not isinstance(name, bool) else name
     if not isinstance(name, str) or not re.fullmatch(NAME_RULE["pattern"], name):  # it names a folder
@@ -127,9 +144,20 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
 
 
 def _distinct(source: str, where: str, values: list, encode: Callable) -> None:
-    seen = [encode(v) for v in values]  # as Optuna compares choices: 1, 1.0 and True are one value
+    # as Optuna compares choices: 1, 1.0 and True are one value; a string is also the value its YAML text is
+    # ("0.1" and 0.1 give one config)
+    seen = [encode(_as_yaml(v)) for v in values]
     if any(a == b for i, a in enumerate(seen) for b in seen[i + 1:]):
         raise _fail(source, where, f"{values!r} repeats a value (a list and its JSON text count as one)")
+
+
+def _as_yaml(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return parse_yaml(value, "a value")
+    except ConfigError:
+        return value
 
 
 def parse_grid_option(text: str) -> tuple[str, list]:
@@ -191,13 +219,13 @@ _ABSENT = object()
 def changed_keys(stored: dict, now: dict) -> list[str]:
     """'key: old -> new' for each dotted key whose value differs between two resolved configs (to_dict); where
     the files go (WHERE_KEYS) is not compared."""
-    a, b = _flat(stored), _flat(now)
+    a, b = flat(stored), flat(now)
     return [f"{k}: {cell(a.get(k, '(absent)'))} -> {cell(b.get(k, '(absent)'))}"
             for k in sorted(a.keys() | b.keys()) if k not in WHERE_KEYS and a.get(k, _ABSENT) != b.get(k, _ABSENT)]
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out

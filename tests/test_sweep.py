@@ -331,3 +331,129 @@ def test_every_sweep_file_goes_through_the_atomic_write(tmp_path, tiny_data, mon
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "winner.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
     assert (root / "results.csv").read_text() == results
+
+
+def _stop_during_trial(args, last, timeout=120):
+    """Start `dlbase sweep args` in a process, SIGTERM it once last.ckpt is (re)written, return its exit status."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    before = last.stat().st_mtime_ns if last.exists() else None
+    proc = subprocess.Popen([sys.executable, "-m", "dlbase", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + timeout
+    while not (last.exists() and last.stat().st_mtime_ns != before):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out + err
+
+
+def test_a_signal_uses_up_no_retry(tmp_path, tiny_data):
+    cfg = plain_base(tmp_path, tiny_data)
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump({"name": "sig", "retries": 1, "params": {"optim.lr": [0.01]}}))
+    args = ["sweep", "--config", str(cfg), "--sweep", str(spec_file), "--set", "train.epochs=200"]
+    root = tmp_path / "ckpt" / "sig"
+    for _ in range(2):  # more stops than retries: a stop the user asked for is not a failure
+        code, out = _stop_during_trial(args, root / "trial-000" / "last.ckpt")
+        assert code == 143, out
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(root / "trial-000" / "metrics.csv")))
+    assert [int(m["epoch"]) for m in rows] == list(range(1, 201))  # resumed, every epoch once
+    assert next(csv.DictReader(open(root / "results.csv")))["status"] == "finished"
+
+
+def test_a_failed_trial_keeps_its_parameters_in_results_csv(tmp_path):
+    from dlbase.study import Study
+    s = parse_spec({"name": "f", "retries": 0, "params": {"optim.lr": [0.01, 0.003]}}, "s.yaml", "x")
+    study = Study(s, tmp_path, None, {}, log=lambda line: None)
+    trial = study.take()
+    trial.suggest_categorical("optim.lr", [0.01, 0.003])
+    study.give_back([trial])  # an error: counts against retries (0 here): failed for good
+    rows, open_ = study.rows()
+    assert open_ == 1 and rows[0]["status"] == "failed" and rows[0]["optim.lr"] == 0.01
+
+
+def test_a_rerun_with_another_base_is_refused_naming_the_key_even_without_trial_folders(tmp_path, tiny_data):
+    import shutil
+    args = ["sweep", "--config", str(plain_base(tmp_path, tiny_data)), "--grid", "optim.lr=[0.03]"]
+    assert runner.invoke(app, args).exit_code == 0
+    root = tmp_path / "ckpt" / "sw_sweep"
+    record = (root / "sweep.yaml").read_bytes()
+    r = runner.invoke(app, [*args, "--set", "train.epochs=2"])  # the trial's own result names the key
+    assert r.exit_code == 2 and "train.epochs: 1 -> 2" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    shutil.rmtree(root / "trial-000")  # no trial folder left: the study's record of its base refuses it
+    r = runner.invoke(app, [*args, "--set", "train.batch_size=25"])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "train.batch_size: 50 -> 25" in r.stderr and "study.db" in r.stderr
+    assert "trial-000:" not in r.stdout and (root / "sweep.yaml").read_bytes() == record  # a refusal writes nothing
+    assert optuna_study(root)["dlbase.base"]["train.batch_size"] == 50  # oracle: Optuna's own view of the study
+
+
+def optuna_study(root):
+    import optuna
+    return optuna.load_study(study_name=root.name, storage=f"sqlite:///{root / 'study.db'}").user_attrs
+
+
+def test_two_machines_with_different_base_configs_do_not_join_one_study(tmp_path, tiny_data):
+    cfg = plain_base(tmp_path, tiny_data)
+    log = tmp_path / "shared" / "study.log"
+    args = ["--grid", "optim.lr=[0.03]", "--storage", str(log)]
+    assert runner.invoke(app, ["sweep", "--config", str(cfg), *args]).exit_code == 0
+    other = tmp_path / "other.yaml"  # the second machine: its own folder, and another base
+    other.write_text(cfg.read_text().replace("hidden: [16]", "hidden: [24]"))
+    r = runner.invoke(app, ["sweep", "--config", str(other), *args, "--set", f"checkpoint.dir={tmp_path / 'm2'}"])
+    assert r.exit_code == 2 and "model.hidden: [16] -> [24]" in r.stderr and str(log) in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "m2" / "sw_sweep" / "trial-000").exists()
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), *args, "--set", f"checkpoint.dir={tmp_path / 'm2'}"])
+    assert r.exit_code == 0 and "1 done" in r.stdout, r.output  # the same base elsewhere joins, as before
+
+
+@pytest.mark.parametrize("storage", ["sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_storage_is_refused(tmp_path, tiny_data, storage):
+    r = runner.invoke(app, ["sweep", "--config", str(plain_base(tmp_path, tiny_data)), "--grid", "optim.lr=[0.03]",
+                            "--storage", storage])
+    assert r.exit_code == 2 and "in-memory" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "ckpt" / "sw_sweep" / "trial-000").exists()
+
+
+@pytest.mark.parametrize("extra", [["--grid", f"optim.lr=[{', '.join(str(i + 1) for i in range(1000))}]",
+                                    "--grid", f"optim.weight_decay=[{', '.join(str(i) for i in range(1000))}]"]])
+def test_an_absurd_grid_is_refused_up_front(tmp_path, tiny_data, extra):
+    r = runner.invoke(app, ["sweep", "--config", str(plain_base(tmp_path, tiny_data)), *extra])
+    assert r.exit_code == 2 and "1,000,000 points" in r.stderr and "10,000" in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_absurdly_many_random_trials_are_refused():
+    with pytest.raises(ConfigError, match="sweep.trials: 1,000,000 trials: at most 10,000"):
+        parse_spec({"method": "random", "trials": 10**6,
+                    "params": {"optim.lr": {"distribution": "uniform", "low": 0.1, "high": 1}}}, "s.yaml", "x")
+
+
+@pytest.mark.parametrize("params,words", [
+    ({"optim.lr": {"distribution": "uniform", "low": 0.1, "high": 1, "step": 0.5, "foo": "bar"}}, "unknown key 'step'"),
+    ({"name": ["a", "b"]}, "identical trials"),
+    ({"checkpoint.dir": ["/tmp/a", "/tmp/b"]}, "identical trials"),
+    ({"optim.lr": [0.1, "0.1"]}, "repeats a value"),
+])
+def test_spec_entries_that_would_do_nothing_are_refused(params, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_spec({"method": "random", "params": params}, "s.yaml", "x")
+
+
+def test_a_storage_failing_mid_sweep_is_one_line_naming_it_without_its_password():
+    import optuna
+
+    from dlbase.study import StudyError, storage_errors
+    url = "postgresql://me:secret@db.example/sweeps"
+    with pytest.raises(StudyError) as e:
+        with storage_errors(url):
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.\nmore lines")
+    text = str(e.value)
+    assert "postgresql://me:***@db.example/sweeps" in text and "secret" not in text and "rerun" in text
+    assert "\n" not in text and e.value.exit_code == 2
