@@ -51,7 +51,7 @@ def read_run(folder: Path, root: Path, winners: dict[Path, float]) -> Run:
     name = str(folder.relative_to(root)) if folder != root else "."
     try:
         return _read(folder, name, winners)
-    except (OSError, ValueError, KeyError, TypeError, DlbaseError) as e:
+    except Exception as e:  # noqa: BLE001 - a hostile folder (RecursionError, MemoryError, ...) is one broken row
         return Run(name, "broken", reason=f"{type(e).__name__}: {e}" if not isinstance(e, DlbaseError) else str(e))
 
 
@@ -208,7 +208,7 @@ def _pct(v: Optional[float]) -> str:
 def _json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -219,6 +219,8 @@ def _config_yaml(folder: Path) -> Optional[dict]:
         raw = yaml.safe_load((folder / "config.yaml").read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
+    except RecursionError:
+        raise DlbaseError(f"{folder / 'config.yaml'}: nested too deep to read") from None
     return raw if isinstance(raw, dict) else None
 
 

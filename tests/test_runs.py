@@ -123,3 +123,13 @@ def test_nothing_found_missing_folder_and_a_file(tmp_path):
 def test_differing_keys_counts_an_absent_key_as_a_value():
     assert differing_keys([{"a": 1, "b": [1]}, {"a": 1, "b": [2], "c": None}, {"a": 1, "b": [1]}]) == ["b", "c"]
     assert differing_keys([{"name": "x", "checkpoint.dir": "p"}, {"name": "y", "checkpoint.dir": "q"}]) == []
+
+
+def test_a_config_nested_5000_deep_is_one_broken_row_and_the_listing_goes_on(tmp_path):
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "config.yaml").write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "config.yaml").write_text("name: ok\n")
+    runs = listed(tmp_path)
+    assert runs["deep"]["status"] == "broken" and "nested too deep" in runs["deep"]["reason"]
+    assert runs["ok"]["status"] == "unfinished"
