@@ -3,6 +3,7 @@ hyperparameters that set it apart from the others. Read from the run's files onl
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,18 +62,20 @@ def _read(folder: Path, name: str, winners: dict[Path, float]) -> Run:
     seconds = [s for s in (rundir.number(r.get("train_seconds")) for r in rows) if s is not None]
     run = Run(name, "unfinished", best_val_accuracy=max(accs) if accs else None,
               train_seconds=round(sum(seconds), 3) if seconds else None)
-    payload, problems = None, []
-    ckpts = [folder / n for n in ("last.ckpt", "best.ckpt") if (folder / n).exists()]
-    for path in ckpts:  # a checkpoint that does not load is worth a note even when the other one does
+    payload, problems, found = None, [], []
+    for rank, n in enumerate(("last.ckpt", "best.ckpt")):  # each loaded once: the load is most of the time
+        path = folder / n
+        if not path.exists():
+            continue
         try:
-            checkpoint.load(path)
-        except CheckpointError as e:
+            p = checkpoint.load(path)
+            found.append((p["step"], -rank, p))
+        except CheckpointError as e:  # a checkpoint that does not load is worth a note even when the other does
             problems.append(str(e))
-    if ckpts:
-        try:
-            _, payload = checkpoint.newest(folder)
-        except CheckpointError:
-            return Run(name, "broken", reason="; ".join(problems) or "no readable checkpoint")
+    if problems and not found:
+        return Run(name, "broken", reason="; ".join(problems))
+    if found:
+        payload = max(found, key=lambda t: (t[0], t[1]))[2]  # the newest, as checkpoint.newest picks it
     raw = payload["config"] if payload is not None else _config_yaml(folder)
     if isinstance(raw, dict):
         run.config = _flat(raw)
@@ -82,9 +85,18 @@ def _read(folder: Path, name: str, winners: dict[Path, float]) -> Run:
     elif rows:
         run.epochs = int(rows[-1]["epoch"])
     marker = _json(folder / STATUS_FILE)
-    if isinstance(marker, dict) and marker.get("status") in ("preempted", "diverged", "finished", "early_stopped", "pruned") \
-            and (run.step is None or marker.get("step") in (None, run.step)):  # a marker of this position only
-        run.status = str(marker["status"]).replace("_", "-")
+    said = marker.get("status") if isinstance(marker, dict) else None
+    if said in ("preempted", "finished", "early_stopped", "pruned") and payload is None:
+        return Run(name, "broken", reason=f"{STATUS_FILE} says {said} but neither last.ckpt nor best.ckpt is there",
+                   epochs=run.epochs, best_val_accuracy=run.best_val_accuracy, train_seconds=run.train_seconds,
+                   config=run.config)
+    # a marker of this position only (a resumed run's stale one is older); diverged ends a run after its newest
+    # checkpoint, so a later step counts for it too
+    step = marker.get("step") if isinstance(marker, dict) else None
+    if said in ("preempted", "diverged", "finished", "early_stopped", "pruned") and (
+            run.step is None or step in (None, run.step)
+            or (said == "diverged" and isinstance(step, int) and step > run.step)):
+        run.status = str(said).replace("_", "-")
     if _diverged_in_sweep(folder):
         run.status = "diverged"
     run.test_accuracy = _test_accuracy(folder, winners)
@@ -184,13 +196,34 @@ def as_json(run: Run, keys: list[str]) -> dict:
     d = asdict(run)
     d.pop("config")
     d["hparams"] = {k: run.config.get(k) for k in keys}
-    return d
+    return _finite(d)
+
+
+def _finite(v: Any) -> Any:
+    """v with every non-finite float (a hand-edited .nan, inf) as None: JSON has no NaN, json.dumps would write it."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+NAME_WIDTH = 60  # a run's name longer than this is shown with its middle elided, so one deep folder widens no row
+
+
+def _short(name: str) -> str:
+    if len(name) <= NAME_WIDTH:
+        return name
+    keep = NAME_WIDTH - 1
+    return name[:keep // 2] + "…" + name[-(keep - keep // 2):]
 
 
 def table(runs: list[Run], keys: list[str]) -> str:
     """The runs as aligned text columns, one line each; a broken run's reason follows its line."""
     head = [HEADERS[c] for c in COLUMNS] + keys
-    lines = [[r.name, r.status, rundir.cell(r.epochs), _pct(r.best_val_accuracy), _pct(r.test_accuracy),
+    lines = [[_short(r.name), r.status, rundir.cell(r.epochs), _pct(r.best_val_accuracy), _pct(r.test_accuracy),
               rundir.cell(r.train_seconds)] + [rundir.cell(r.config.get(k)) if r.config else "" for k in keys] for r in runs]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     out = ["  ".join(c.ljust(w) for c, w in zip(head, widths)).rstrip()]

@@ -133,3 +133,31 @@ def test_a_config_nested_5000_deep_is_one_broken_row_and_the_listing_goes_on(tmp
     runs = listed(tmp_path)
     assert runs["deep"]["status"] == "broken" and "nested too deep" in runs["deep"]["reason"]
     assert runs["ok"]["status"] == "unfinished"
+
+
+def test_a_finished_run_whose_checkpoints_were_deleted_is_broken(tiny_config, tmp_path):
+    run = train(load_config(tiny_config), log=quiet)
+    for name in ("last.ckpt", "best.ckpt"):
+        (run.folder / name).unlink()
+    row = listed(str(tmp_path / "ckpt"))["tiny"]
+    assert row["status"] == "broken" and "neither last.ckpt nor best.ckpt" in row["reason"]
+
+
+def test_json_is_json_with_a_hand_edited_nan_and_a_deep_folder_widens_no_row(tiny_config, tmp_path):
+    run = train(load_config(tiny_config), log=quiet)
+    (run.folder / "config.yaml").write_text((run.folder / "config.yaml").read_text())
+    deep = tmp_path / "ckpt" / "/".join(f"d{i}" for i in range(200)) / "run"
+    shutil.copytree(run.folder, deep)
+    # a hand-edited .nan in the stored config's hyperparameters (a run killed before its first checkpoint reads it)
+    for n in ("last.ckpt", "best.ckpt", STATUS_FILE):
+        (deep / n).unlink()
+    (deep / "config.yaml").write_text((deep / "config.yaml").read_text().replace("lr: 0.01", "lr: .nan"))
+    r = CliRunner().invoke(app, ["runs", str(tmp_path / "ckpt"), "--json"])
+    assert r.exit_code == 0, r.output
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    rows = [json.loads(line, parse_constant=refuse) for line in r.stdout.splitlines()]
+    assert any(row["hparams"].get("optim.lr", "absent") is None for row in rows), rows
+    r = CliRunner().invoke(app, ["runs", str(tmp_path / "ckpt")])
+    assert r.exit_code == 0 and max(len(line) for line in r.stdout.splitlines()) < 200, r.stdout
