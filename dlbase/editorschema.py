@@ -7,7 +7,7 @@ import types
 import typing
 from typing import Any
 
-from dlbase.schema import Config
+from dlbase.schema import UNSWEPT_KEYS as UNSWEPT, Config
 
 # ----------------------------------------------------------------------------- the JSON Schema, for editors
 
@@ -103,13 +103,15 @@ def _sweep_schema() -> dict:
                        "low": {"description": "uniform, log_uniform (> 0), int_uniform: the smallest value"},
                        "high": {"description": "uniform, log_uniform, int_uniform: above low"},
                        "values": {"description": "choice: the values to pick from"}},
+        # each kind takes its own keys only (sweepspec refuses any other key in a distribution)
         "anyOf": [{"properties": {"distribution": {"const": "choice"},
                                   "values": {"type": "array", "minItems": 1, "uniqueItems": True}},
-                   "required": ["values"]},
+                   "required": ["values"], "additionalProperties": False},
                   {"properties": {"distribution": {"enum": ["uniform", "log_uniform"]}, **low_high},
-                   "required": ["low", "high"]},
+                   "required": ["low", "high"], "additionalProperties": False},
                   {"properties": {"distribution": {"const": "int_uniform"}, "low": {"type": "integer"},
-                                  "high": {"type": "integer"}}, "required": ["low", "high"]}]}
+                                  "high": {"type": "integer"}}, "required": ["low", "high"],
+                   "additionalProperties": False}]}
     return {
         "type": "object", "additionalProperties": False, "required": ["params"],
         "description": "Read by `dlbase sweep` only (dlbase train refuses a config with it): the search space and "
@@ -146,7 +148,8 @@ def _sweep_schema() -> dict:
             "cv_folds": _count(2, "k-fold cross-validation on the training set; null: the validation split", None),
             "params": {"type": "object", "minProperties": 1,
                        "description": "dotted config key -> a list of values, or a distribution (method random)",
-                       "propertyNames": {"enum": _dotted_keys(Config)},
+                       # the keys every trial sets itself are not swept (sweepspec: identical trials)
+                       "propertyNames": {"enum": [k for k in _dotted_keys(Config) if k not in UNSWEPT]},
                        "additionalProperties": {"anyOf": [{"type": "array", "minItems": 1, "uniqueItems": True},
                                                          distribution]}}}}
 

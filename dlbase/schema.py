@@ -279,3 +279,8 @@ def cross_checks(cfg: Config) -> list[tuple[str, str]]:
         bad.append(("optim.impl", f"{cfg.optim.impl} cannot be captured in a CUDA graph with a moving lr; graph "
                                   f"mode picks fused or capturable kernels itself (use auto)"))
     return bad
+
+
+# keys a sweep may not sweep: every trial sets them itself (its name and folder, or the sweep's metric), so
+# sweeping them would run identical trials (sweepspec refuses them; the editors' JSON Schema leaves them out)
+UNSWEPT_KEYS = ("name", "checkpoint.dir", "train.early_stop.metric")
