@@ -265,8 +265,15 @@ def config_validate(
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP, show_default=False),
 ) -> None:
     """Check a config (and overrides) without running anything; exit 0 when valid, 2 with the reason when not."""
-    from dlbase.config import load_config
+    from dlbase.config import load_config, read_config_file
 
+    raw = read_config_file(config)
+    if isinstance(raw, dict) and "sweep" in raw:  # a sweep config: the run config and its sweep: section
+        from dlbase.sweepspec import load_sweep
+
+        _, spec, _ = load_sweep(config, None, [], set_)
+        typer.echo(f"{config}: valid config with a sweep of {len(spec.params)} params")
+        return
     load_config(config, set_)
     typer.echo(f"{config}: valid")
 

@@ -101,3 +101,23 @@ def test_eval_data_root_never_downloads_or_creates_folders(tiny_config, tmp_path
     missing = tmp_path / "no-such-dir"
     r = runner.invoke(app, ["eval", str(tmp_path / "ckpt/tiny/best.ckpt"), "--data-root", str(missing)])
     assert r.exit_code == 2 and "not found" in r.stderr and not missing.exists()
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path(__file__).parent.parent.glob("configs/*.yaml")))
+def test_config_validate_every_shipped_config(path):
+    r = CliRunner().invoke(app, ["config", "validate", "--config", path])
+    assert r.exit_code == 0, r.output
+    assert "valid" in r.output
+
+
+def test_config_validate_sweep_section(tmp_path):
+    good = tmp_path / "s.yaml"
+    good.write_text("name: s\nsweep:\n  method: grid\n  params:\n    optim.lr: [0.1, 0.01]\n")
+    r = CliRunner().invoke(app, ["config", "validate", "--config", str(good)])
+    assert r.exit_code == 0, r.output
+    assert "valid config with a sweep of 1 params" in r.output
+    bad = tmp_path / "b.yaml"
+    bad.write_text("name: b\nsweep:\n  method: grid\n  params: {}\n")
+    r = CliRunner().invoke(app, ["config", "validate", "--config", str(bad)])
+    assert r.exit_code == 2 and "sweep" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
