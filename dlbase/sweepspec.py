@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 from dlbase.config import Config, config_from_dict, parse_yaml, read_config_file
 from dlbase.errors import ConfigError
+from dlbase.schema import UNSWEPT_KEYS
 from dlbase.rundir import cell
 
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
@@ -93,7 +94,7 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
                                              f"postgresql://user@host/db) or a journal file path (study.log)")
     for key, space in params.items():
         where = f"sweep.params.{key}"
-        if key in (*WHERE_KEYS, "train.early_stop.metric"):
+        if key in UNSWEPT_KEYS:
             raise _fail(source, where, "every trial sets it itself (its folder, or the sweep's metric): sweeping it "
                                        "would run identical trials")
         if isinstance(space, list):
