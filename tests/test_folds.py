@@ -19,10 +19,10 @@ runner = CliRunner()
 N_TRAIN, SEED, K = 600, 0, 3
 
 
-def _cv_sweep(tmp_path: Path, tiny_data: Path, epochs: int = 2) -> Path:
-    cfg = tmp_path / "base.yaml"
+def _config(tmp_path: Path, tiny_data: Path, name: str, epochs: int) -> Path:
+    cfg = tmp_path / f"{name}.yaml"
     cfg.write_text(f"""
-name: base
+name: {name}
 seed: {SEED}
 device: cpu
 data: {{root: {tiny_data}, download: false, val_size: 100}}
@@ -30,6 +30,11 @@ model: {{hidden: [16]}}
 train: {{epochs: {epochs}, batch_size: 50}}
 checkpoint: {{dir: {tmp_path / 'ckpt'}}}
 """)
+    return cfg
+
+
+def _cv_sweep(tmp_path: Path, tiny_data: Path, epochs: int = 2) -> Path:
+    cfg = _config(tmp_path, tiny_data, "base", epochs)
     spec = tmp_path / "cv.yaml"
     spec.write_text(yaml.safe_dump({"name": "cv", "cv_folds": K, "params": {"optim.lr": [0.03]}}))
     r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec)])
@@ -104,16 +109,7 @@ def test_population_fold_members_record_their_folds_for_eval(tmp_path, tiny_data
     """Folds trained as one population (a sweep's population: K) carry their folds too."""
     from dlbase.config import load_config
     from dlbase.population import train_population
-    cfg_file = tmp_path / "p.yaml"
-    cfg_file.write_text(f"""
-name: p
-seed: {SEED}
-device: cpu
-data: {{root: {tiny_data}, download: false, val_size: 100}}
-model: {{hidden: [16]}}
-train: {{epochs: 1, batch_size: 50}}
-checkpoint: {{dir: {tmp_path / 'ckpt'}}}
-""")
+    cfg_file = _config(tmp_path, tiny_data, "p", 1)
     import dataclasses
     base = load_config(cfg_file)
     cfgs = [dataclasses.replace(base, name=f"f{k}") for k in range(K)]
