@@ -18,6 +18,14 @@ def _norm(kind: str, width: int) -> nn.Module | None:
     return {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}[kind](width) if kind != "none" else None
 
 
+def zero_grad_before_batch_norm(bias: torch.Tensor) -> None:
+    """The bias of a Linear just before a batch norm has a gradient that is zero in exact arithmetic (the norm
+    subtracts the batch mean, bias included); what backward computes there is float rounding noise (~1e-9), which
+    an adaptive optimiser (Adam divides by the root of its own square) turns into lr-sized steps in a random
+    direction that differ between implementations. Make that gradient the exact zero it is."""
+    bias.register_hook(torch.zeros_like)
+
+
 class MLP(nn.Module):
     """encoding -> (Linear -> norm? -> activation -> dropout?) per `cfg.hidden` width -> Linear to the logits.
 
@@ -34,6 +42,8 @@ class MLP(nn.Module):
             norm = _norm(cfg.norm, h)
             if norm is not None:
                 layers.append(norm)
+            if cfg.norm == "batch":
+                zero_grad_before_batch_norm(layers[-2].bias)
             layers.append(ACTIVATIONS[cfg.activation]())
             if cfg.dropout > 0:
                 layers.append(nn.Dropout(cfg.dropout))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from dlbase.encoding import NoEncoding
 from dlbase.loss import outputs
-from dlbase.model import ACTIVATIONS, MLP
+from dlbase.model import ACTIVATIONS, MLP, zero_grad_before_batch_norm
 from dlbase.schema import ModelConfig
 
 BN_EPS, BN_MOMENTUM, LN_EPS = 1e-5, 0.1, 1e-5  # torch's BatchNorm1d / LayerNorm defaults, which MLP uses
@@ -39,6 +39,14 @@ class StackedMLP:
         self.act = ACTIVATIONS[cfg.activation]()
         self.dropout = any(c.dropout > 0 for c in cfgs)  # host-known: only then are masks drawn
         self.p_drop = torch.tensor([c.dropout for c in cfgs], device=self.params[0].device)  # (K,)
+        self._hook_batch_norm_biases()
+
+    def _hook_batch_norm_biases(self) -> None:
+        """As MLP does: the stacked bias of each Linear before a batch norm gets an exact zero gradient."""
+        if self.cfg.norm == "batch":
+            per_layer = 4  # weight, bias, norm weight, norm bias
+            for i in range(len(self.cfg.hidden)):
+                zero_grad_before_batch_norm(self.params[len(self.enc_params) + per_layer * i + 1])
 
     # ---- forward
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +115,7 @@ class StackedMLP:
         self.buffers = [b.index_select(0, idx) for b in self.buffers]
         self.p_drop = self.p_drop.index_select(0, idx)
         self.K = idx.shape[0]
+        self._hook_batch_norm_biases()
 
     def nbytes(self) -> int:
         """Bytes of the stacked parameters and buffers (all members)."""
