@@ -276,6 +276,22 @@ def _belongs_elsewhere(folder: Path, dataset: str) -> bool:
     return other is not None and other != dataset
 
 
+def training_size(cfg) -> Optional[int]:
+    """How many training samples a DataConfig uses (the train labels file's count, or data.subset when smaller),
+    read from the file's 8-byte header only; None when the files cannot be found or read (loading says why)."""
+    try:
+        folder = locate(cfg.root, cfg.dataset, download=False)
+        _, labels = find_split(folder, "train")
+        with _open(labels) as fh:
+            head = fh.read(8)
+    except (DataError, OSError, EOFError, zlib.error, gzip.BadGzipFile):
+        return None
+    if len(head) < 8:
+        return None
+    count = int.from_bytes(head[4:8], "big")
+    return min(count, cfg.subset) if cfg.subset is not None else count
+
+
 # ----------------------------------------------------------------------------- on the device
 
 

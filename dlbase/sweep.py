@@ -53,7 +53,22 @@ class Sweep:
         self.configs = self._check_space()  # before any trial runs
         if spec.cv_folds and any(c.data.subset is not None and c.data.subset < spec.cv_folds for c in self.configs):
             raise ConfigError(f"{source}: data.subset is smaller than sweep.cv_folds")
+        if spec.cv_folds and spec.population != 1:
+            self._check_equal_folds()
         self.cache: dict = {}  # the data goes to the device once per (data config, seed, fold): shared by trials
+
+    def _check_equal_folds(self) -> None:
+        """A population trains members on one training-set size: folds that cut n unevenly cannot share one."""
+        from dlbase.data import training_size
+        k = self.spec.cv_folds
+        for cfg in [self.base, *self.configs]:
+            n = training_size(cfg.data)
+            if n is not None and n % k:
+                raise ConfigError(
+                    f"{self.source}: sweep.population: {self.spec.population} with sweep.cv_folds: {k} on {n} "
+                    f"training images: the folds' training sets differ in size ({n - n // k - 1} and "
+                    f"{n - n // k}), and one population trains on one size; use a data.subset that {k} divides "
+                    f"(e.g. {n - n % k}) or sweep.population: 1")
 
     def _config(self, values: dict, slot: int) -> Config:
         return trial_config(self.base_raw, values, f"trial-{slot:03d}", str(self.root), self.source, self.sets,

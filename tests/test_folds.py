@@ -122,3 +122,24 @@ def test_population_fold_members_record_their_folds_for_eval(tmp_path, tiny_data
     got = json.loads(r.stdout)
     assert got["n"] == len(idx) and got["accuracy"] == pytest.approx(
         _oracle_accuracy(results[2].folder / "best.ckpt", idx), abs=1e-6)
+
+
+def test_a_population_of_unequal_folds_is_refused_before_the_study_exists(tmp_path):
+    """Item 10: 3 folds of 601 images train on 400 or 401 images, which one population cannot stack. Refused up
+    front in one line naming both keys and n, exit 2, with no study.db and no trial folder; the same spec with
+    population: 1 trains (the check is about populations, not folds)."""
+    from conftest import make_dataset
+    data = make_dataset(tmp_path / "odd", n_train=601, n_test=50)
+    cfg = _config(tmp_path, data, "base", 1)
+    spec = tmp_path / "cv.yaml"
+    spec.write_text(yaml.safe_dump({"name": "cv", "cv_folds": K, "population": 4,
+                                    "params": {"optim.lr": [0.03, 0.01]}}))
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec)])
+    assert r.exit_code == 2, r.output
+    line = r.output.strip()
+    assert "\n" not in line and "Traceback" not in line, line
+    for part in ("sweep.population: 4", "sweep.cv_folds: 3", "601", "400 and 401", "data.subset that 3 divides (e.g. 600)"):
+        assert part in line, line
+    assert not (tmp_path / "ckpt" / "cv" / "study.db").exists() and not list((tmp_path / "ckpt").glob("cv/trial-*"))
+    ok = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec), "--set", "data.subset=600"])
+    assert ok.exit_code == 0, ok.output
