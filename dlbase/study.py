@@ -163,8 +163,8 @@ def open_storage(url: str, heartbeat: int, retries: int, where: str):
         raise ConfigError(f"{where}: {url}: the database driver is missing ({e}); pip install psycopg[binary] for "
                           f"PostgreSQL, PyMySQL for MySQL") from None
     except Exception as e:  # sqlalchemy's errors: a bad URL, a server not there, a refused login
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{where}: cannot open the study's storage {_hide_password(url)}: {first}") from None
+        raise ConfigError(f"{where}: cannot open the study's storage {_hide_password(url)}: "
+                          f"{storage_reason(e)}") from None
 
 
 def _in_memory(url: str) -> bool:
@@ -175,6 +175,21 @@ def _in_memory(url: str) -> bool:
 def _importable(name: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(name) is not None
+
+
+def storage_reason(e: BaseException) -> str:
+    """Why a storage call failed, in one line: the database's own words (sqlalchemy keeps the driver's error as
+    .orig, under Optuna's generic "invalid data in the commit"), with what to do when the file is read-only."""
+    inner, chain = e, [e]
+    while (nxt := inner.__cause__ or inner.__context__) is not None and nxt not in chain:
+        inner = nxt
+        chain.append(inner)
+    driver = next((c.orig for c in reversed(chain) if getattr(c, "orig", None) is not None), None)
+    words = str(driver if driver is not None else inner).strip()
+    first = words.splitlines()[0] if words else type(inner).__name__
+    if "readonly" in first.replace("-", "").replace(" ", "").lower():
+        first += " (the database file or its folder is not writable here: check its permissions and owner)"
+    return first
 
 
 def _hide_password(url: str) -> str:
@@ -220,8 +235,8 @@ class Study:
         except DlbaseError:
             raise
         except Exception as e:  # the database refused: read-only, full, a lost connection
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"{where}: the study's storage {_hide_password(self.url)} failed: {first}") from None
+            raise ConfigError(f"{where}: the study's storage {_hide_password(self.url)} failed: "
+                              f"{storage_reason(e)}") from None
         if not created and stored != record:
             from dlbase.sweepspec import changed_keys
             changes = changed_keys(stored, record) if isinstance(stored, dict) else ["not made by dlbase sweep"]
@@ -427,8 +442,7 @@ def storage_errors(url: str):
         try:
             yield
         except optuna.exceptions.StorageInternalError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise StudyError(f"the study's storage {_hide_password(url)} failed mid-sweep ({first}); finished "
+            raise StudyError(f"the study's storage {_hide_password(url)} failed mid-sweep ({storage_reason(e)}); finished "
                              f"trials are kept there: once it is reachable, rerun the same command to go on") from None
     return guard()
 

@@ -184,6 +184,29 @@ def test_a_bad_storage_is_one_line_and_trains_nothing(tmp_path, tiny_data, stora
     assert not (tmp_path / "ckpt" / "st" / "trial-000").exists()
 
 
+@pytest.mark.parametrize("made", ["empty", "by a sweep"])
+def test_a_read_only_study_database_says_so(tmp_path, tiny_data, made):
+    """Item 16: a study.db that cannot be written (here opened read-only by SQLite itself, which refuses as it
+    refuses a file without write permission; the tests run as root, for whom chmod changes nothing) is reported
+    in SQLite's words with what to check, not as Optuna's "invalid data in the commit"."""
+    import sqlite3
+    db = tmp_path / "made.db"
+    cfg = base(tmp_path, tiny_data, epochs=1)
+    spec = spec_file(tmp_path, params={"optim.lr": [0.05]})
+    if made == "empty":
+        sqlite3.connect(db).close()  # Optuna must write its tables into it
+    else:  # a finished sweep's study: a rerun must still write (its heartbeat, the base record)
+        done = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec), "--storage", f"sqlite:///{db}"])
+        assert done.exit_code == 0, done.output
+        shutil.rmtree(tmp_path / "ckpt")
+    r = runner.invoke(app, ["sweep", "--config", str(cfg), "--sweep", str(spec), "--storage",
+                            f"sqlite:///file:{db}?mode=ro&uri=true"])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "readonly database" in r.stderr and "permissions" in r.stderr, r.stderr
+    assert "invalid data" not in r.stderr
+    assert not (tmp_path / "ckpt" / "st" / "trial-000").exists()
+
+
 # ---------------------------------------------------------------------------------------------- PostgreSQL
 def _pg_bin(name):
     found = shutil.which(name)
