@@ -13,14 +13,7 @@ from typing import Sequence
 import torch
 
 from dlbase.errors import ConfigError
-from dlbase.schema import OptimConfig
-
-# the state tensors each rule keeps per parameter, under torch's own names (its state_dict keys)
-STATE_KEYS = {"sgd": (), "momentum": ("momentum_buffer",), "nesterov": ("momentum_buffer",),
-              "adagrad": ("sum",), "rmsprop": ("square_avg",), "adadelta": ("square_avg", "acc_delta"),
-              "adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq")}
-HAS_STEP = ("adagrad", "rmsprop", "adadelta", "adam", "adamw")  # torch keeps a `step` count in their state
-
+from dlbase.schema import OPTIM_INFO, OptimConfig
 
 def _hyper(cfgs: Sequence[OptimConfig], name: str, device: torch.device) -> torch.Tensor:
     """One OptimConfig field over the members, (K,) float64 on the device; fields an optimiser does not read
@@ -43,8 +36,8 @@ class PopOptimizer:
         if len(names) != 1:
             raise ConfigError(f"optim.name: a population trains one optimiser, the members ask for {sorted(names)}")
         self.name = cfgs[0].name
-        if self.name not in STATE_KEYS:
-            raise ConfigError(f"optim.name: {self.name!r} has no population update; one of {', '.join(STATE_KEYS)}")
+        self.info = OPTIM_INFO[self.name]  # its state keys, step count and update rule: the single run's table
+        self._rule = getattr(self, "_" + (self.info.stacked_rule or self.name))
         self.params, device = params, params[0].device
         self.lr_table = lr_table  # (K, T) float64
         self.hp = {n: _hyper(cfgs, n, device) for n in ("weight_decay", "momentum", "beta1", "beta2", "eps",
@@ -52,7 +45,7 @@ class PopOptimizer:
         # host-known choices (from the configs, never from tensor values): skip what no member uses
         self.any_wd = any(c.weight_decay != 0 for c in cfgs)
         self.state = {key: [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
-                      for key in STATE_KEYS[self.name]}  # each (K, *shape) like its parameter
+                      for key in self.info.state_keys}  # each (K, *shape) like its parameter
         self.t = torch.zeros((), dtype=torch.float64, device=device)  # steps taken, as torch's `step` (all members)
         self.t_idx = torch.zeros(1, dtype=torch.long, device=device)  # the same count, to index the lr table
 
@@ -70,7 +63,7 @@ class PopOptimizer:
         lr, hp = self.lr(), self.hp
         self.t.add_(1)
         self.t_idx.add_(1)
-        rule = getattr(self, "_" + ("sgd" if self.name in ("sgd", "momentum", "nesterov") else self.name))
+        rule = self._rule
         for i, p in enumerate(self.params):
             g = p.grad
             if self.any_wd and self.name != "adamw":  # L2: grad + wd * p (adamw decays the weights instead)
@@ -130,7 +123,6 @@ class PopOptimizer:
         denom = torch.sqrt(v, out=tmp).div_(self._v(now["bc2"], p)).add_(self._v(hp["eps"], p))
         p.addcmul_(torch.div(m, denom, out=tmp), self._v(now["step"], p))  # the same ops as before, in place
 
-    _adamw = _adam
 
     # ---- membership and checkpoints
     def keep(self, idx: torch.Tensor, params: list[torch.Tensor]) -> None:
@@ -148,8 +140,8 @@ class PopOptimizer:
         step = self.t.to("cpu", torch.float32)
         out = []
         for i in range(len(self.params)):
-            st = {key: self.state[key][i][k].detach().cpu().clone() for key in STATE_KEYS[self.name]}
-            if self.name in HAS_STEP:
+            st = {key: self.state[key][i][k].detach().cpu().clone() for key in self.info.state_keys}
+            if self.info.counts_steps:
                 st["step"] = step.clone()
             out.append(st)
         return out

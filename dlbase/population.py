@@ -17,8 +17,8 @@ import torch
 from dlbase.config import Config, to_dict
 from dlbase.data import DeviceSplit, _read_checked, normalize, split_indices
 from dlbase.errors import ConfigError, DataError, TrainingDiverged
+from dlbase.schema import OPTIM_INFO
 from dlbase.popmodel import activation_bytes_per_member, state_bytes_per_member
-from dlbase.popoptim import STATE_KEYS
 from dlbase.train import RunResult
 
 # The keys that must agree for configs to share one stacked model and one step (dotted, as in a config file).
@@ -103,7 +103,7 @@ def bytes_per_member(cfg: Config, input_shape: tuple[int, int] = (28, 28)) -> in
     with torch.device("meta"):  # shapes only: no memory, no RNG
         model = MLP(cfg.model, input_shape[0] * input_shape[1], standardize=standardizes(cfg))
     d_in = model.encoding.out_features
-    return (state_bytes_per_member(model, len(STATE_KEYS[cfg.optim.name]))
+    return (state_bytes_per_member(model, len(OPTIM_INFO[cfg.optim.name].state_keys))
             + activation_bytes_per_member(cfg.model, d_in, cfg.train.batch_size))
 
 

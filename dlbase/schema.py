@@ -50,6 +50,9 @@ class OptimInfo:
     graph_kwargs: Optional[dict]  # constructor flags that let a CUDA graph capture its step; None: it cannot be
     extra: dict = field(default_factory=dict)  # fixed constructor arguments that define it (momentum, nesterov)
     default_lr: float = 0.001  # optim.lr when the config leaves it null: the literature's (or torch's) value
+    state_keys: tuple = ()  # the state tensors torch keeps per parameter (its state_dict keys): the population's too
+    counts_steps: bool = True  # torch keeps a `step` count in its per-parameter state
+    stacked_rule: str = ""  # PopOptimizer's update rule (dlbase/popoptim.py: _<rule>); "": the optimiser's name
 
 
 _GRAPH_FUSED = {"fused": True}  # the fused SGD takes the lr as a device tensor and keeps no host-side state
@@ -57,17 +60,22 @@ _GRAPH_FUSED_CAPTURABLE = {"fused": True, "capturable": True}
 _GRAPH_FOREACH_CAPTURABLE = {"foreach": True, "capturable": True}
 # D2L chapter 11's optimisers. Adagrad has a fused kernel but no capturable step, so graph mode cannot take it.
 OPTIM_INFO: dict[str, OptimInfo] = {
-    "sgd": OptimInfo("SGD", ("lr", "weight_decay"), True, False, _GRAPH_FUSED),
-    "momentum": OptimInfo("SGD", ("lr", "momentum", "weight_decay"), True, False, _GRAPH_FUSED),
+    "sgd": OptimInfo("SGD", ("lr", "weight_decay"), True, False, _GRAPH_FUSED, counts_steps=False),
+    "momentum": OptimInfo("SGD", ("lr", "momentum", "weight_decay"), True, False, _GRAPH_FUSED,
+                          state_keys=("momentum_buffer",), counts_steps=False, stacked_rule="sgd"),
     "nesterov": OptimInfo("SGD", ("lr", "momentum", "weight_decay"), True, False, _GRAPH_FUSED,
-                          {"nesterov": True}),
-    "adagrad": OptimInfo("Adagrad", ("lr", "eps", "weight_decay"), True, False, None, default_lr=0.01),
-    "rmsprop": OptimInfo("RMSprop", ("lr", "alpha", "eps", "weight_decay"), False, True, _GRAPH_FOREACH_CAPTURABLE),
+                          {"nesterov": True}, state_keys=("momentum_buffer",), counts_steps=False, stacked_rule="sgd"),
+    "adagrad": OptimInfo("Adagrad", ("lr", "eps", "weight_decay"), True, False, None, default_lr=0.01,
+                         state_keys=("sum",)),
+    "rmsprop": OptimInfo("RMSprop", ("lr", "alpha", "eps", "weight_decay"), False, True, _GRAPH_FOREACH_CAPTURABLE,
+                         state_keys=("square_avg",)),
     # Zeiler's Adadelta has no learning rate: torch's lr scales its update, and 1.0 is the published method
     "adadelta": OptimInfo("Adadelta", ("lr", "rho", "eps", "weight_decay"), False, True, _GRAPH_FOREACH_CAPTURABLE,
-                          default_lr=1.0),
-    "adam": OptimInfo("Adam", ("lr", "betas", "eps", "weight_decay"), True, True, _GRAPH_FUSED_CAPTURABLE),
-    "adamw": OptimInfo("AdamW", ("lr", "betas", "eps", "weight_decay"), True, True, _GRAPH_FUSED_CAPTURABLE),
+                          default_lr=1.0, state_keys=("square_avg", "acc_delta")),
+    "adam": OptimInfo("Adam", ("lr", "betas", "eps", "weight_decay"), True, True, _GRAPH_FUSED_CAPTURABLE,
+                      state_keys=("exp_avg", "exp_avg_sq")),
+    "adamw": OptimInfo("AdamW", ("lr", "betas", "eps", "weight_decay"), True, True, _GRAPH_FUSED_CAPTURABLE,
+                       state_keys=("exp_avg", "exp_avg_sq"), stacked_rule="adam"),
 }
 OPTIMIZERS = tuple(OPTIM_INFO)
 FUSED_OPTIMIZERS = tuple(n for n, i in OPTIM_INFO.items() if i.fused)  # optim.impl: fused is allowed for these

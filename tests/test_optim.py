@@ -36,6 +36,21 @@ def test_every_optimiser_from_yaml_lowers_the_loss(tmp_path, name):
     assert losses[-1] < 0.7 * losses[0], (name, losses[0], losses[-1])
 
 
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_the_table_s_state_keys_are_torch_s(name):
+    """One optimiser table: the stacked optimiser keeps OPTIM_INFO's state_keys and step count, so they must be
+    exactly what torch's own optimiser keeps per parameter after a step (oracle: its state_dict)."""
+    info = OPTIMIZERS[name]
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = getattr(torch.optim, info.torch_class)([p], lr=0.01, **info.extra,
+                                                **({"momentum": 0.9} if info.extra or name == "momentum" else {}))
+    p.grad = torch.ones(3)
+    opt.step()
+    keys = {k for k, v in opt.state_dict()["state"].get(0, {}).items() if v is not None}
+    assert keys - {"step"} == set(info.state_keys), keys
+    assert ("step" in keys) == info.counts_steps, keys
+
+
 def test_optimiser_parameters_reach_torch():
     cfg = load_config(None, ["optim.name=nesterov", "optim.momentum=0.8"]).optim
     g = build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg).param_groups[0]
