@@ -10,6 +10,9 @@ from dlbase.errors import DlbaseError
 from dlbase.rundir import read_metrics as read_rows, write_atomic
 
 
+LEGEND_ROWS = 16  # entries in one legend column that fit beside a 4.2-inch-high plot at font size 8
+
+
 def _plt():
     import matplotlib
     matplotlib.use("Agg")  # headless: files only, never a window
@@ -102,17 +105,21 @@ def plot_run(run_dir: Path) -> list[Path]:
 
     layers = sorted({int(k.rsplit("_", 1)[1]) for k in rows[0] if k.startswith("grad_norm_")})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
-    for i in layers:
-        axes[0].semilogy(epochs, _floats(rows, f"grad_norm_{i}"), "o-", label=f"layer {i}")
-        axes[1].semilogy(epochs, _floats(rows, f"weight_norm_{i}"), "o-", label=f"layer {i}")
-    axes[0].set(title="Gradient norm per layer (last step of each epoch)", xlabel="epoch",
-                ylabel="||dL/dW||  (log scale)")
-    axes[1].set(title="Weight norm per layer", xlabel="epoch", ylabel="||W||  (log scale)")
-    for ax in axes:
+    for ax, key, title, norm in ((axes[0], "grad_norm", "Gradient norm per layer (last step of each epoch)",
+                                  "||dL/dW||"), (axes[1], "weight_norm", "Weight norm per layer", "||W||")):
+        values = {i: _floats(rows, f"{key}_{i}") for i in layers}
+        for i in layers:
+            ax.plot(epochs, values[i], "o-", label=f"layer {i}")
+        # a log axis needs a positive value to place its decades (matplotlib warns without one): a dead net's
+        # norms are all 0, drawn on a linear axis
+        log = any(v is not None and v > 0 for vs in values.values() for v in vs)
+        ax.set_yscale("log" if log else "linear")
+        ax.set(title=title, xlabel="epoch", ylabel=f"{norm}  ({'log' if log else 'linear'} scale)")
         ax.grid(alpha=0.3, which="both")
         _epoch_ticks(ax, epochs)
-    if layers:
-        axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), title="Linear layer")
+    if layers:  # in columns of at most LEGEND_ROWS: one column of 65 layers is taller than the figure
+        axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), title="Linear layer",
+                       ncols=-(-len(layers) // LEGEND_ROWS))
     fig.suptitle(f"{name}: layer 1 is next to the input; a gap of decades between layers means vanishing "
                  f"gradients", fontsize=11)
     gradnorms = run_dir / "gradnorms.png"

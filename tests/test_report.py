@@ -1,6 +1,7 @@
 """Plots and evaluation reports: real PNG files of sensible size; the confusion matrix adds up."""
 import json
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 from dlbase.cli import app
+from dlbase import rundir
 from dlbase.config import load_config
+from dlbase.report import plot_run
 from dlbase.train import train
 
 runner = CliRunner()
@@ -58,3 +61,26 @@ def test_eval_report_and_json_confusion(tiny_config, tmp_path):
     for name in ("confusion.png", "mistakes.png"):
         w, h = png_size(out / name)
         assert w >= 400 and h >= 150
+
+
+def write_norms(folder: Path, layers: int, grad: float, weight: float) -> None:
+    """A metrics.csv of three epochs as train.py writes it for an MLP of `layers` Linear layers."""
+    folder.mkdir()
+    norms = {**{f"grad_norm_{i}": grad for i in range(1, layers + 1)},
+             **{f"weight_norm_{i}": weight for i in range(1, layers + 1)}}
+    rundir.write_metrics(folder / "metrics.csv", [rundir.metrics_row(e, 10 * e, {
+        "train_loss": 2.3, "val_loss": 2.3, "val_accuracy": 0.1, "lr": 0.01, "seconds": 1.0, "train_seconds": 0.5,
+        **norms}) for e in (1, 2, 3)])
+
+
+def test_a_deep_net_and_an_all_zero_norm_draw_without_a_matplotlib_warning(tmp_path):
+    # 65 Linear layers (model.hidden of 64, the most the schema takes): the legend of one entry per layer was
+    # taller than the figure and constrained_layout gave up with a UserWarning; a dead net (every gradient norm
+    # 0) left a log axis without a positive value, another UserWarning
+    for name, layers, grad, weight in (("deep", 65, 1e-3, 1.5), ("dead", 2, 0.0, 0.0)):
+        write_norms(tmp_path / name, layers, grad, weight)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            plot_run(tmp_path / name)
+        w, h = png_size(tmp_path / name / "gradnorms.png")
+        assert 800 <= w <= 3000 and 300 <= h <= 2000, (name, w, h)
