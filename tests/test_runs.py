@@ -1,6 +1,7 @@
 """dlbase runs: real runs that finished, stopped early, were preempted, diverged or are corrupt, listed with the
 right status and only the hyperparameters that differ."""
 import json
+import os
 import shutil
 
 import pytest
@@ -161,3 +162,24 @@ def test_json_is_json_with_a_hand_edited_nan_and_a_deep_folder_widens_no_row(tin
     assert any(row["hparams"].get("optim.lr", "absent") is None for row in rows), rows
     r = CliRunner().invoke(app, ["runs", str(tmp_path / "ckpt")])
     assert r.exit_code == 0 and max(len(line) for line in r.stdout.splitlines()) < 200, r.stdout
+
+
+def test_a_tree_1500_folders_deep_is_walked_and_the_runs_beside_it_are_listed(tmp_path):
+    # Python 3.11's os.walk recurses: 1,000 levels raised RecursionError and the whole listing was lost
+    (tmp_path / "beside").mkdir()
+    (tmp_path / "beside" / "config.yaml").write_text("name: beside\n")
+    chain = [tmp_path / "deep"]
+    for _ in range(1500):  # 3,000 characters of path, under PATH_MAX; a loop: os.makedirs recurses too
+        chain.append(chain[-1] / "d")
+    try:
+        for folder in chain:
+            os.mkdir(folder)
+        (chain[-1] / "config.yaml").write_text("name: bottom\n")
+        runs = listed(tmp_path)
+        assert set(runs) == {"beside", str(chain[-1].relative_to(tmp_path))}
+        assert runs["beside"]["status"] == runs[str(chain[-1].relative_to(tmp_path))]["status"] == "unfinished"
+    finally:  # bottom up, by hand: shutil.rmtree (pytest's clean-up of old tmp_paths) recurses as well
+        (chain[-1] / "config.yaml").unlink(missing_ok=True)
+        for folder in reversed(chain):
+            if folder.exists():
+                os.rmdir(folder)
