@@ -39,18 +39,19 @@ class Run:
 def find_runs(root: Path) -> list[Path]:
     """Every folder under root (root itself included) where a run lives, in path order; hidden folders and
     symbolic links to folders are not followed, a folder that cannot be listed is passed over (as os.walk with
-    onerror ignoring). An explicit stack, not os.walk: Python 3.11's os.walk recurses once per level, and a tree
-    1,000 folders deep raised RecursionError and lost the whole listing."""
+    onerror ignoring), and so is one whose files' paths are too long for the system (PATH_MAX). An explicit
+    stack, not os.walk: Python 3.11's os.walk recurses once per level, and a tree 1,000 folders deep raised
+    RecursionError and lost the whole listing."""
     found, todo = [], [Path(root)]
     while todo:
         here = todo.pop()
         try:
             with os.scandir(here) as entries:
                 subs = sorted(e.name for e in entries if not e.name.startswith(".") and _real_folder(e))
-        except OSError:
+            if rundir.has_run(here):
+                found.append(here)
+        except OSError:  # ENAMETOOLONG for a file in a folder just short of PATH_MAX, too
             continue
-        if rundir.has_run(here):
-            found.append(here)
         todo.extend(here / name for name in reversed(subs))  # popped first to last: path order
     return found
 

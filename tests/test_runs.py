@@ -164,22 +164,29 @@ def test_json_is_json_with_a_hand_edited_nan_and_a_deep_folder_widens_no_row(tin
     assert r.exit_code == 0 and max(len(line) for line in r.stdout.splitlines()) < 200, r.stdout
 
 
-def test_a_tree_1500_folders_deep_is_walked_and_the_runs_beside_it_are_listed(tmp_path):
-    # Python 3.11's os.walk recurses: 1,000 levels raised RecursionError and the whole listing was lost
+def test_a_tree_2100_folders_deep_is_walked_and_the_runs_beside_it_are_listed(tmp_path):
+    # Python 3.11's os.walk recursed: 1,000 levels raised RecursionError and the whole listing was lost. Past
+    # PATH_MAX (4,096 bytes: about 2,000 levels of "d/") a folder's files cannot be named: passed over
     (tmp_path / "beside").mkdir()
     (tmp_path / "beside" / "config.yaml").write_text("name: beside\n")
-    chain = [tmp_path / "deep"]
-    for _ in range(1500):  # 3,000 characters of path, under PATH_MAX; a loop: os.makedirs recurses too
-        chain.append(chain[-1] / "d")
+    (tmp_path / "deep").mkdir()
+    fd, depth = os.open(tmp_path / "deep", os.O_RDONLY), 0  # depth: the folder fd is open on
     try:
-        for folder in chain:
-            os.mkdir(folder)
-        (chain[-1] / "config.yaml").write_text("name: bottom\n")
+        while depth < 2100:  # by file descriptor: os.makedirs recurses too, and paths pass PATH_MAX
+            os.mkdir("d", dir_fd=fd)
+            fd, old = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+            os.close(old)
+            depth += 1
+            if depth in (1500, 2100):
+                os.close(os.open("config.yaml", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
         runs = listed(tmp_path)
-        assert set(runs) == {"beside", str(chain[-1].relative_to(tmp_path))}
-        assert runs["beside"]["status"] == runs[str(chain[-1].relative_to(tmp_path))]["status"] == "unfinished"
-    finally:  # bottom up, by hand: shutil.rmtree (pytest's clean-up of old tmp_paths) recurses as well
-        (chain[-1] / "config.yaml").unlink(missing_ok=True)
-        for folder in reversed(chain):
-            if folder.exists():
-                os.rmdir(folder)
+        assert set(runs) == {"beside", "deep/" + "/".join(["d"] * 1500)}
+        assert {r["status"] for r in runs.values()} == {"unfinished"}
+    finally:  # bottom up through "..": shutil.rmtree (pytest's clean-up of old tmp_paths) recurses as well
+        for depth in range(depth, 0, -1):
+            if depth in (1500, 2100):
+                os.unlink("config.yaml", dir_fd=fd)
+            fd, old = os.open("..", os.O_RDONLY, dir_fd=fd), fd
+            os.close(old)
+            os.rmdir("d", dir_fd=fd)
+        os.close(fd)
