@@ -4,10 +4,8 @@ monitor, early stop, NaN guard, checkpoints, metrics.csv, TensorBoard events and
 Members that stop (early, pruned, diverged) leave the population at the boundary where they stop."""
 from __future__ import annotations
 
-import json
 import math
 import resource
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +13,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from dlbase import checkpoint, rundir
+from dlbase import checkpoint, rundir, runrecord
 from dlbase.backprop import layer_norms
-from dlbase.config import Config, to_dict, to_yaml
+from dlbase.config import Config, to_yaml
 from dlbase.data import Batcher, DeviceSplit
 from dlbase.engine import Plan, _autocast
 from dlbase.evaluate import evaluate
@@ -27,6 +25,7 @@ from dlbase.optim import build_optimizer, build_schedule
 from dlbase.popmodel import StackedMLP, activation_bytes_per_member, clip_grad_norms, member_losses
 from dlbase.popoptim import PopOptimizer
 from dlbase.population import MemberResult, PopulationData, folder_list
+from dlbase.phases import Phases
 from dlbase.preempt import Preemption
 from dlbase.state import Monitor
 from dlbase.train import seed_everything, step_losses
@@ -54,6 +53,7 @@ class Member:
     steps_done: int = 0
     fold: Optional[tuple[int, int]] = None  # (k, K): its cross-validation fold, recorded in its checkpoints
     train_seconds: float = 0.0  # its share of the population's training steps (their time / members in them)
+    warned: bool = False  # the vanishing-gradient warning was said
 
 
 class Population:
@@ -62,8 +62,9 @@ class Population:
     def __init__(self, configs: Sequence[Config], folders: Sequence[Optional[Path]],
                  folds: Sequence[Optional[tuple[int, int]]], data: PopulationData, device: torch.device,
                  run_plan: Plan, log: Callable[[str], None] = print,
-                 on_epoch: Sequence[Optional[Callable[[int, dict], bool]]] = ()):
+                 on_epoch: Sequence[Optional[Callable[[int, dict], bool]]] = (), phases: Optional[Phases] = None):
         self.configs, self.data, self.device, self.plan, self.log = list(configs), data, device, run_plan, log
+        self.phases = phases or Phases()  # where the time goes, printed as train()'s one line at the end
         cfg = configs[0]
         self.B = cfg.train.batch_size
         members, train_idx = [], []
@@ -138,7 +139,9 @@ class Population:
                         self._end_epoch()
             self.peak_bytes = self._peak_bytes(K0)
             results = [self._finish(m) for m in self.all]
-            self._plots()
+            with self.phases("plots"):
+                self._plots()
+            self.log(self.phases.line())
             return results
         finally:
             for m in self.all:
@@ -225,7 +228,8 @@ class Population:
             train_loss = sums[k] / max(1, self._seen)
             plain = c.train.loss == "cross_entropy" and c.train.label_smoothing > 0
             self.net.to_member(k, m.model)
-            val = evaluate(m.model, m.val, self.eval_loss) if m.val is not None else None
+            with self.phases("validation"):
+                val = evaluate(m.model, m.val, self.eval_loss) if m.val is not None else None
             lr = self.schedules[self.all.index(m)](self.step - 1)
             norms = layer_norms(m.model)
             metrics = {"train_loss": train_loss,
@@ -236,27 +240,25 @@ class Population:
             m.epochs_done, m.steps_done = self.epoch, self.step
             payload = self._payload(m, k, metrics)
             m.rows.append(rundir.metrics_row(self.epoch, self.step, metrics))
-            if improved:  # best, then metrics, then last: as train() orders them
-                checkpoint.save(m.folder / "best.ckpt", payload)
-            rundir.write_metrics(m.folder / "metrics.csv", m.rows)
-            checkpoint.save(m.folder / "last.ckpt", payload)
+            runrecord.save_epoch(m.folder, m.rows, payload, improved, self.phases)
             if m.events is not None:
                 mine = self._was.index(m)
                 own = [row[mine] for row in _rows(snaps, len(self._was))]
                 m.events.epoch(self.epoch, self.step, metrics, step_losses(
                     self._snap_steps, own, 0.0, self._snap_from, self.B, self.n_used,
                     end=(self.step, read[mine])))
-            val_text = f"  val_loss {val['loss']:.4f}  val_acc {100 * val['accuracy']:.2f}%" if val else ""
-            self._say(m, f"epoch {self.epoch}  train_loss {train_loss:.4f}{val_text}  lr {lr:.3g}"
-                         f"{'  *best' if improved else ''}")
+            self._say(m, runrecord.epoch_line(self.epoch, self._epochs_planned(), metrics, improved))
+            warning = runrecord.vanishing_warning(norms)
+            if warning is not None and not m.warned:
+                m.warned = True
+                self._say(m, warning)
             if m.monitor.should_stop:
-                self._say(m, f"early stop: no {m.monitor.metric} improvement for {m.monitor.bad_epochs} epochs "
-                             f"(train.early_stop.patience={m.monitor.patience})")
+                self._say(m, runrecord.early_stop_line(m.monitor))
                 m.status = "early_stopped"
             elif signalled:
                 m.status = "preempted"
             elif m.on_epoch is not None and self.step < self.total_steps and m.on_epoch(self.epoch, metrics):
-                self._say(m, f"pruned after epoch {self.epoch}: the sweep's pruner stopped this trial")
+                self._say(m, runrecord.pruned_line(self.epoch))
                 m.status = "pruned"
         self._drop()
 
@@ -268,12 +270,10 @@ class Population:
         for s, m in zip(sums, self._was):
             if not math.isfinite(s):
                 m.status = "diverged"
-                kept = ("last.ckpt and best.ckpt keep its last finite weights" if (m.folder / "last.ckpt").exists()
-                        else "no checkpoint had been written yet")
                 epoch = self.epoch if self.batch == 0 else self.epoch + 1  # end of epoch: already counted
-                self._say(m, f"training loss became non-finite in epoch {epoch} "
-                             f"(detected at step {self.step}); this member is stopped, the others go on; {kept}; "
-                             f"lower optim.lr or set train.grad_clip")
+                lr = self.schedules[self.all.index(m)](max(0, self.step - 1))
+                self._say(m, runrecord.diverged_text(epoch, self.step, lr, runrecord.kept_text(m.folder, "its "),
+                                                     others=True))
                 self._mark(m, "diverged")
         if any(m.status != "running" for m in self.members):
             self._drop()
@@ -305,36 +305,30 @@ class Population:
         rng = {"torch": m.torch_rng, "batcher": m.epoch_rng if self.batch else m.batcher.generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        out: checkpoint.Payload = {
-            "format_version": checkpoint.FORMAT_VERSION, "config": to_dict(m.cfg),
-            "input_shape": list(self.data.input_shape),
-            # note: device-to-host copies (a sync), only at a checkpoint
-            "model": checkpoint.strip_prefixes({n: v.detach().cpu() for n, v in m.model.state_dict().items()}),
-            "optimizer": self.opt.torch_state_dict(k, m.optimizer),
-            "epoch": self.epoch, "step": self.step, "steps_per_epoch": self.steps_per_epoch, "metrics": metrics,
-            "best": m.monitor.state(), "rng": rng}
-        if m.fold is not None:
-            out["fold"] = list(m.fold)
+        in_epoch = None
         if self.batch:
             loss_sum, ce_sum = self.loss_sum[k].item(), self.ce_sum[k].item()  # note: sync, at a checkpoint
-            out["in_epoch"] = {"batch": self.batch, "loss_sum": loss_sum, "ce_sum": ce_sum}
-        return out
+            in_epoch = {"batch": self.batch, "loss_sum": loss_sum, "ce_sum": ce_sum}
+        return runrecord.payload(m.cfg, self.data.input_shape, m.model, self.opt.torch_state_dict(k, m.optimizer),
+                                 {"epoch": self.epoch, "step": self.step, "steps_per_epoch": self.steps_per_epoch},
+                                 metrics, m.monitor.state(), rng, m.fold, in_epoch)
 
     def _save(self, m: Member, k: int, name: str, metrics: dict) -> None:
         self.net.to_member(k, m.model)
         m.epochs_done, m.steps_done = self.epoch, self.step
-        checkpoint.save(m.folder / name, self._payload(m, k, metrics))
+        with self.phases("checkpoints"):
+            checkpoint.save(m.folder / name, self._payload(m, k, metrics))
 
     def _count_seconds(self, seconds: float) -> None:
         """The population's training-step time, and each member's share of it (members in the step)."""
         self.train_seconds += seconds
+        self.phases.add("training", seconds)
         for m in self.members:
             m.train_seconds += seconds / len(self.members)
 
     def _mark(self, m: Member, status: str) -> None:
         """status.json at the member's own step (a pruned or early-stopped member left before the others)."""
-        step = m.steps_done if status != "diverged" else self.step
-        rundir.write_atomic(m.folder / "status.json", json.dumps({"status": status, "step": step}), "status")
+        runrecord.mark(m.folder, status, m.steps_done if status != "diverged" else self.step)
 
     def _finish(self, m: Member) -> MemberResult:
         """Each member's end, as train()'s: status.json, its HParams, the eval line, its plots."""
@@ -350,10 +344,8 @@ class Population:
             m.events.finish(result)
         if m.status == "preempted":
             inside = m.steps_done - m.epochs_done * self.steps_per_epoch  # steps of the epoch in progress
-            where = (f"in epoch {m.epochs_done + 1}, {inside} of its {self.steps_per_epoch} steps done" if inside
-                     else f"after epoch {m.epochs_done}")
-            self._say(m, f"stopped by {signal.Signals(self.preempt.signum).name} at step {m.steps_done} ({where}); "
-                         f"to go on: dlbase train --resume {rundir.quote(m.folder / 'last.ckpt')}")
+            self._say(m, f"{runrecord.stopped_line(self.preempt.signum, m.steps_done, m.epochs_done, inside, self.steps_per_epoch)}"
+                         f"; to go on: dlbase train --resume {rundir.quote(m.folder / 'last.ckpt')}")
         elif (m.folder / "best.ckpt").exists():
             self._say(m, f"{m.status}: {m.monitor.describe()} -> {m.folder / 'best.ckpt'}; test it: dlbase eval "
                          f"{rundir.quote(m.folder / 'best.ckpt')}")
@@ -374,6 +366,10 @@ class Population:
                     self.log(f"plots: stopped by a signal after {i} of {len(todo)} (every run is saved); {how}")
                     return
                 plot_run(m.folder)
+
+    def _epochs_planned(self) -> int:
+        """The epoch count shown in the epoch lines, as train() counts it."""
+        return self.epoch + max(0, -(-(self.total_steps - self.step) // self.steps_per_epoch))
 
     def _peak_bytes(self, k0: int) -> int:
         """Peak memory per member: on CUDA the allocator's peak over the population; on the CPU (where the

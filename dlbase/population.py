@@ -177,12 +177,16 @@ def train_population(configs: Sequence[Config], folders: Optional[Sequence[Optio
     data.val_size split); on_epoch: per member, as train()'s: (epoch, metrics) -> True to prune it; data: the
     dataset already on the device (load_population_data), shared by several calls."""
     from dlbase.engine import plan_run, resolve_device
+    from dlbase.phases import Phases
     from dlbase.poptrain import Population
     check_population(configs, folds, folders)
-    device = resolve_device(configs[0].device)
-    run_plan = plan_run(configs[0], device)
+    phases = Phases()
+    with phases("device"):
+        device = resolve_device(configs[0].device)
+        run_plan = plan_run(configs[0], device)
     if data is None:  # a caller training several populations on one dataset (a sweep) passes it in
-        data = load_population_data(configs[0], device, run_plan.data_dtype)
+        with phases("data"):
+            data = load_population_data(configs[0], device, run_plan.data_dtype)
     k = choose_k(configs[0], device, max_members, input_shape=data.input_shape)
     n = len(configs)
     pick = lambda seq, i: seq[i] if seq is not None else None  # noqa: E731
@@ -191,8 +195,10 @@ def train_population(configs: Sequence[Config], folders: Optional[Sequence[Optio
         idx = range(start, min(n, start + k))
         if k < n:
             log(f"population: members {start + 1}-{idx[-1] + 1} of {n} (at most {k} at once)")
-        pop = Population([configs[i] for i in idx], [pick(folders, i) for i in idx], [pick(folds, i) for i in idx],
-                         data, device, run_plan, log, [pick(on_epoch, i) for i in idx])
+        with phases("set-up"):
+            pop = Population([configs[i] for i in idx], [pick(folders, i) for i in idx],
+                             [pick(folds, i) for i in idx], data, device, run_plan, log,
+                             [pick(on_epoch, i) for i in idx], phases)
         results += pop.fit()
         if any(r.status == "preempted" for r in results):
             break  # a signal stops the whole call: later chunks have not started

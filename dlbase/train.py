@@ -3,10 +3,8 @@ epoch, finish. Its position is one small Progress object. The hot step (dlbase/e
 validation, logging and checkpoints happen at boundaries."""
 from __future__ import annotations
 
-import json
 import math
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -15,8 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
-from dlbase import checkpoint, distributed, rundir
-from dlbase.config import Config, to_dict, to_yaml
+from dlbase import checkpoint, distributed, rundir, runrecord
+from dlbase.config import Config, to_yaml
 from dlbase.data import Batcher, Dataset, load_dataset
 from dlbase.engine import Engine, plan_run, resolve_device, set_matmul_precision
 from dlbase.errors import CheckpointError, TrainingDiverged
@@ -26,7 +24,7 @@ from dlbase.model import build_model, standardizes
 from dlbase.optim import build_optimizer, build_schedule
 from dlbase.phases import Phases
 from dlbase.preempt import Preemption
-from dlbase.backprop import VANISHING_RATIO, layer_norms
+from dlbase.backprop import layer_norms
 from dlbase.state import Monitor, load_model_state, load_optimizer_state, restore_rng, rng_state
 
 PLOTS = ("curves.png", "gradnorms.png")
@@ -326,32 +324,19 @@ class Trainer:
         improved = self.monitor.update(metrics, p.epoch)
         ckpt = self._payload(metrics)
         self.rows.append(rundir.metrics_row(p.epoch, p.step, metrics))
-        # best, then metrics, then last: a kill between them leaves last.ckpt at the previous epoch, and
-        # resuming from the folder's newest checkpoint redoes or skips this epoch, rewriting what follows it
-        if improved:
-            self._save("best.ckpt", ckpt)
         if self.group.main:
-            with self.phases("checkpoints"):
-                rundir.write_metrics(self.folder / "metrics.csv", self.rows)
-        self._save("last.ckpt", ckpt)
+            runrecord.save_epoch(self.folder, self.rows, ckpt, improved, self.phases)
         if self.events is not None:
             self.events.epoch(p.epoch, p.step, metrics, step_losses)
-        like = train_ce if train_ce is not None else train_loss  # the gap compares cross-entropy with itself
-        ce_text = f" (cross-entropy {train_ce:.4f})" if train_ce is not None else ""
-        val_text = (f"  val_loss {val['loss']:.4f} (gap {val['loss'] - like:+.4f})  val_acc "
-                    f"{100 * val['accuracy']:.2f}%") if val else ""
-        self.log(f"epoch {p.epoch}/{self._epochs_planned()}  train_loss {train_loss:.4f}{ce_text}{val_text}  "
-                 f"lr {lr:.3g}  "
-                 f"{metrics['seconds']:.1f}s{'  *best' if improved else ''}")
+        self.log(runrecord.epoch_line(p.epoch, self._epochs_planned(), metrics, improved))
         if self.group.broadcast(self.monitor.should_stop):  # rank 0 decides for all: no rank left waiting
-            self.log(f"early stop: no {self.monitor.metric} improvement for {self.monitor.bad_epochs} epochs "
-                     f"(train.early_stop.patience={self.monitor.patience})")
+            self.log(runrecord.early_stop_line(self.monitor))
             p.status = "early_stopped"
         elif p.step < self.total_steps and self._agree_stop():  # came with the epoch's last step: its checkpoint
             # is the stop; with the run's last step the run is finished, and status.json says so
             p.status = "preempted"
         elif self.on_epoch is not None and p.step < self.total_steps and self.on_epoch(p.epoch, metrics):
-            self.log(f"pruned after epoch {p.epoch}: the sweep's pruner stopped this trial")
+            self.log(runrecord.pruned_line(p.epoch))
             p.status = "pruned"
 
     def _finish(self) -> RunResult:
@@ -363,9 +348,7 @@ class Trainer:
         if self.events is not None:  # hparams and the run's final metrics, in its own event file
             self.events.finish(self._result(self.preempt.exit_code if p.status == "preempted" else 0))
         if p.status == "preempted":
-            where = (f"in epoch {p.epoch + 1}, {p.batch} of its {self.steps_per_epoch} steps done" if p.batch
-                     else f"after epoch {p.epoch}")
-            self.log(f"stopped by {signal.Signals(self.preempt.signum).name} at step {p.step} ({where}); "
+            self.log(f"{runrecord.stopped_line(self.preempt.signum, p.step, p.epoch, p.batch, self.steps_per_epoch)}; "
                      f"everything up to it is in {folder / 'last.ckpt'}. To go on:")
             self.log(f"  dlbase train --resume {rundir.quote(folder / 'last.ckpt')}")
             return self._result(self.preempt.exit_code)
@@ -411,36 +394,21 @@ class Trainer:
     def _payload(self, metrics: dict) -> checkpoint.Payload:
         """A checkpoint of the current position. Mid-epoch (progress.batch > 0) it also holds the data order's
         generator state at its epoch's start and the partial epoch's loss sum."""
-        p = self.progress
-        out: checkpoint.Payload = {
-            "format_version": checkpoint.FORMAT_VERSION,
-            "config": to_dict(self.cfg),
-            "input_shape": list(self.data.input_shape),
-            # note: device-to-host copies (a sync), only at a checkpoint
-            "model": checkpoint.strip_prefixes({k: v.detach().cpu() for k, v in self.model.state_dict().items()}),
-            "optimizer": self.optimizer.state_dict(),
-            "epoch": p.epoch,
-            "step": p.step,
-            "steps_per_epoch": self.steps_per_epoch,
-            "metrics": metrics,
-            "best": self.monitor.state(),
-            "rng": rng_state(self.batcher, self.device),
-        }
-        if self.data.fold is not None:
-            out["fold"] = list(self.data.fold)
+        p, rng, in_epoch = self.progress, rng_state(self.batcher, self.device), None
         if p.batch:
-            out["rng"]["batcher"] = p.epoch_rng
+            rng["batcher"] = p.epoch_rng
             total = self.group.sum(torch.stack([self.engine.loss_sum, self.engine.ce_sum]))  # all ranks' partial sums
             loss_sum, ce_sum = total.tolist()  # note: sync, at a checkpoint
-            out["in_epoch"] = {"batch": p.batch, "loss_sum": loss_sum, "ce_sum": ce_sum}
-        return out
+            in_epoch = {"batch": p.batch, "loss_sum": loss_sum, "ce_sum": ce_sum}
+        return runrecord.payload(self.cfg, self.data.input_shape, self.model, self.optimizer.state_dict(),
+                                 {"epoch": p.epoch, "step": p.step, "steps_per_epoch": self.steps_per_epoch},
+                                 metrics, self.monitor.state(), rng, self.data.fold, in_epoch)
 
     def _mark(self, status: str) -> None:
         """status.json: how this process left the run (finished, early_stopped, preempted, diverged) and at which
         step, for `dlbase runs`; a later process that resumes the run writes its own."""
         if self.group.main:
-            rundir.write_atomic(self.folder / "status.json", json.dumps({"status": status, "step": self.progress.step}),
-                                "status")
+            runrecord.mark(self.folder, status, self.progress.step)
 
     def _save(self, name: str, payload: checkpoint.Payload) -> None:
         if self.group.main:
@@ -451,12 +419,8 @@ class Trainer:
         """The NaN guard, at every check (checkpoints, epoch ends): stop before anything non-finite is saved."""
         p = self.progress
         if not math.isfinite(self.group.sum(self.engine.loss_sum.clone()).item()):  # note: sync, at a boundary
-            kept = (f"{self.folder / 'last.ckpt'} and best.ckpt keep the last finite weights"
-                    if (self.folder / "last.ckpt").exists() else "no checkpoint had been written yet")
-            raise TrainingDiverged(
-                f"training loss became non-finite in epoch {p.epoch + 1} (detected at step {p.step}, lr "
-                f"{self.schedule(max(0, p.step - 1)):.3g}); stopped without saving: {kept}; lower optim.lr or set "
-                f"train.grad_clip")
+            raise TrainingDiverged(runrecord.diverged_text(p.epoch + 1, p.step, self.schedule(max(0, p.step - 1)),
+                                                           runrecord.kept_text(self.folder)))
 
     def _on_step(self, step: int, bar: "_Bar") -> None:
         """After each step is launched (host only): the bar, and every log_every steps a device-to-device copy of
@@ -485,14 +449,13 @@ class Trainer:
         self._stop_calls += 1
         return self._agree_stop() if self._stop_calls % distributed.STOP_CHECK_EVERY == 0 else self._stop_agreed
 
+    _warned = False  # the vanishing-gradient warning is said once per process
+
     def _warn_vanishing(self, norms: dict) -> None:
-        n_layers = len(norms) // 2
-        first_g, last_g = norms["grad_norm_1"], norms[f"grad_norm_{n_layers}"]
-        if n_layers > 1 and first_g < VANISHING_RATIO * last_g and not getattr(self, "_warned", False):
+        warning = runrecord.vanishing_warning(norms)
+        if warning is not None and not self._warned:
             self._warned = True
-            self.log(f"warning: vanishing gradients: layer 1's gradient norm ({first_g:.2e}) is "
-                     f"{first_g / max(last_g, 1e-300):.1e} of layer {n_layers}'s ({last_g:.2e}); the first layers "
-                     f"barely learn (try relu, or a better init)")
+            self.log(warning)
 
     def _epochs_planned(self) -> int:
         """The epoch count shown in the epoch lines: the last may be partial when max_steps decides."""

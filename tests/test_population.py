@@ -442,3 +442,43 @@ def test_a_signal_during_the_plots_stops_them_at_once(base, monkeypatch):
     results = train_population(cfgs, log=lines.append)
     assert [r.status for r in results] == ["finished"] * 3 and len(drawn) == 1
     assert any(line.startswith("plots: stopped by a signal after 1 of 3") for line in lines)
+
+
+def _words(line):
+    """An epoch line without its timing (the only part two runs of the same training may differ in) nor 4th
+    decimals, which fp32 rounding in the batched step may move."""
+    import re
+    line = re.sub(r"  [0-9.]+s(  \*best)?$", r"\1", line)
+    return re.sub(r"(\d+\.\d{3})\d", r"\1", line)
+
+
+def test_a_member_says_what_a_lone_run_says_each_epoch(base):
+    """One loop's boundary, once (dlbase/runrecord.py): a member's epoch lines are the lone run's (train loss,
+    cross-entropy beside label smoothing, validation loss with the gap, accuracy, lr, *best), and the population
+    ends with the phases line a single run prints."""
+    cfg = vary(base, "said", train={"label_smoothing": 0.1})
+    lines = []
+    train_population([cfg], log=lines.append)
+    lone = []
+    train(dataclasses.replace(cfg, name="said_alone"), log=lone.append)
+    mine = [_words(line.split("] ", 1)[1]) for line in lines if line.startswith("[said] epoch ")]
+    theirs = [_words(line) for line in lone if line.startswith("epoch ")]
+    assert len(mine) == 2 and mine == theirs, (mine, theirs)
+    assert "(gap " in mine[0] and "(cross-entropy " in mine[0]
+    phases = [line for line in lines if line.startswith("time (s): ")]
+    assert len(phases) == 1 and {"training", "validation", "checkpoints"} <= set(phases[0].split())
+
+
+def test_a_member_warns_of_vanishing_gradients_as_a_lone_run_does(base):
+    """A deep sigmoid member warns (once, in its own name); a relu member does not. Oracle: the
+    member's own gradient norms in metrics.csv, first layer below 1e-3 of the last."""
+    deep = {"hidden": (16,) * 8, "activation": "sigmoid"}
+    cfgs = [vary(base, "sig", model=deep, optim={"name": "sgd", "lr": 0.1}),
+            vary(base, "relu", model={**deep, "activation": "relu"}, optim={"name": "sgd", "lr": 0.1})]
+    lines = []
+    results = [train_population([c], log=lines.append)[0] for c in cfgs]  # activation sets the step: one each
+    warned = [line.split("]")[0][1:] for line in lines if "vanishing gradients" in line]
+    assert warned == ["sig"], lines
+    with open(results[0].folder / "metrics.csv") as fh:
+        row = list(csv.DictReader(fh))[0]
+    assert float(row["grad_norm_1"]) < 1e-3 * float(row["grad_norm_9"])
