@@ -351,7 +351,7 @@ def load_dataset(cfg, seed: int, device: torch.device, dtype: torch.dtype = torc
     """
     timed = phases or (lambda name: contextlib.nullcontext())
     with timed("data"):
-        folder, train, test = _read_checked(cfg)
+        folder, train, test = read_checked(cfg)
         x, y = train.images, train.labels
         if cfg.subset is not None:
             x, y = x[:cfg.subset], y[:cfg.subset]
@@ -377,7 +377,7 @@ def load_dataset(cfg, seed: int, device: torch.device, dtype: torch.dtype = torc
         )
 
 
-def _read_checked(cfg) -> tuple[Path, Split, Split]:
+def read_checked(cfg) -> tuple[Path, Split, Split]:
     """The dataset's folder and its train and test splits, read and checked (same image size)."""
     folder = locate(cfg.root, cfg.dataset, cfg.download)
     try:

@@ -114,7 +114,7 @@ def set_matmul_precision(p: Plan, device: torch.device) -> None:
             torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
-def _autocast(p: Plan, device: torch.device):
+def autocast(p: Plan, device: torch.device):
     if p.precision == "bf16":
         # no weight-cast cache: each step's context is new anyway, and a cache must not outlive a graph capture
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
@@ -199,7 +199,7 @@ class Engine:
             for lin, (dw, db) in zip(backprop.linears(self.model), grads):
                 lin.weight.grad, lin.bias.grad = dw, db
         else:
-            with _autocast(self.plan, self.device):
+            with autocast(self.plan, self.device):
                 logits = self.forward(x)
             loss = self.loss_fn(logits, y)
             for p in self.params:  # zero_grad(set_to_none=True), without its dynamo-disable wrapper

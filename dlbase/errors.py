@@ -32,3 +32,11 @@ class TrainingDiverged(DlbaseError):
     """The training loss became NaN or infinite; the checkpoints on disk keep the last finite weights."""
 
     exit_code = 3
+
+
+class SweepStopped(DlbaseError):
+    """SIGTERM/SIGINT during a sweep: the running trial is saved, and the sweep resumes when rerun."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -17,20 +17,28 @@ from dlbase import checkpoint, rundir, runrecord
 from dlbase.backprop import layer_norms
 from dlbase.config import Config, to_yaml
 from dlbase.data import Batcher, DeviceSplit
-from dlbase.engine import Plan, _autocast
+from dlbase.engine import Plan, autocast
 from dlbase.evaluate import evaluate
 from dlbase.loss import build_eval_loss
 from dlbase.model import MLP, build_model, standardizes
 from dlbase.optim import build_optimizer, build_schedule
 from dlbase.popmodel import StackedMLP, activation_bytes_per_member, clip_grad_norms, member_losses
 from dlbase.popoptim import PopOptimizer
-from dlbase.population import MemberResult, PopulationData, folder_list
+from dlbase.popdata import PopulationData
 from dlbase.phases import Phases
 from dlbase.preempt import Preemption
 from dlbase.state import Monitor
-from dlbase.train import seed_everything, step_losses
+from dlbase.train import RunResult, seed_everything, step_losses
 
 EXIT_DIVERGED = 3  # TrainingDiverged's exit code
+
+
+@dataclass
+class MemberResult(RunResult):
+    """A RunResult, plus what the population measured: peak memory per member (bytes; on CUDA the allocator's
+    peak over the members, on the CPU the stacked state and one step's activations) and the population size."""
+    peak_bytes: int = 0
+    population: int = 1
 
 
 @dataclass
@@ -126,7 +134,7 @@ class Population:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.log(f"population: {K0} members of one shape ({self.configs[0].model.hidden}, {self.configs[0].optim.name}, "
                  f"batch {self.B}) in one step on {self.device}; {self.steps_per_epoch} steps per epoch; run folders: "
-                 f"{folder_list([m.folder for m in self.members])}")
+                 f"{rundir.folder_list([m.folder for m in self.members])}")
         try:
             for m in self.members:
                 rundir.write_atomic(m.folder / "config.yaml", to_yaml(m.cfg), "config.yaml")
@@ -193,7 +201,7 @@ class Population:
         flat = ids.reshape(-1)
         x = self.data.x.index_select(0, flat).view(K, b, -1)  # (K, b, D)
         y = self.data.y.index_select(0, flat).view(K, b)  # (K, b)
-        with _autocast(self.plan, self.device):
+        with autocast(self.plan, self.device):
             logits = self.net.forward(x)  # (K, b, C)
         cfg = self.configs[0]
         losses, ce = member_losses(logits, y, cfg.train.loss, cfg.model.output, self.smoothing)  # (K,), (K,)

@@ -15,11 +15,12 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from dlbase.config import Config, to_dict
-from dlbase.data import DeviceSplit, _read_checked, normalize, split_indices
-from dlbase.errors import ConfigError, DataError, TrainingDiverged
+from dlbase.errors import ConfigError, TrainingDiverged
 from dlbase.schema import OPTIM_INFO
 from dlbase.popmodel import activation_bytes_per_member, state_bytes_per_member
-from dlbase.train import RunResult
+from dlbase.popdata import PopulationData, load_population_data  # noqa: F401 - the entry points' names
+from dlbase.poptrain import MemberResult, Population
+from dlbase.rundir import folder_list
 
 # The keys that must agree for configs to share one stacked model and one step (dotted, as in a config file).
 # Everything else (lr and schedule, weight decay, momentum, betas, eps, alpha, rho, dropout, label smoothing,
@@ -116,55 +117,7 @@ def choose_k(cfg: Config, device: torch.device, max_members: Optional[int] = Non
     return min(k, max_members) if max_members else k
 
 
-# ----------------------------------------------------------------------------- the shared data
-
-
-@dataclass
-class PopulationData:
-    """The training set (the subset), once on the device, normalised once: x (N, D), y (N,); members gather
-    their batches from it by index. test: the test split."""
-    x: torch.Tensor
-    y: torch.Tensor
-    test: DeviceSplit
-    input_shape: tuple[int, int]
-    folder: Path
-
-    def member_split(self, cfg: Config, fold: Optional[tuple[int, int]]) -> tuple[torch.Tensor, Optional[DeviceSplit]]:
-        """Member cfg's training indices (N_k,) into x, on the device, and its validation split: cut exactly as
-        load_dataset cuts them when the member trains alone (its seed, data.val_size or its fold)."""
-        n = self.x.shape[0]
-        if fold is None and cfg.data.val_size >= n:
-            raise DataError(f"data.val_size: {cfg.data.val_size} leaves no training samples out of {n}"
-                            f"{' (data.subset)' if cfg.data.subset is not None else ''}; use a value below {n}")
-        train_idx, val_idx = split_indices(n, cfg.seed, cfg.data.val_size, fold)
-        if train_idx is None:
-            return torch.arange(n, device=self.x.device), None
-        val_idx = val_idx.to(self.x.device)
-        return train_idx.to(self.x.device), DeviceSplit(self.x.index_select(0, val_idx), self.y.index_select(0, val_idx))
-
-
-def load_population_data(cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> PopulationData:
-    """Read and check the files of cfg.data once; the (subset of the) training set and the test set to the device."""
-    folder, train, test = _read_checked(cfg.data)
-    x, y = train.images, train.labels
-    if cfg.data.subset is not None:
-        x, y = x[:cfg.data.subset], y[:cfg.data.subset]
-    h, w = train.images.shape[1:]
-    return PopulationData(normalize(x.reshape(x.shape[0], h * w).to(device), dtype), y.to(device),
-                          DeviceSplit(normalize(test.images.reshape(-1, h * w).to(device), dtype),
-                                      test.labels.to(device)),
-                          (int(h), int(w)), folder)
-
-
 # ----------------------------------------------------------------------------- entry points
-
-
-@dataclass
-class MemberResult(RunResult):
-    """A RunResult, plus what the population measured: peak memory per member (bytes; on CUDA the allocator's
-    peak over the members, on the CPU the stacked state and one step's activations) and the population size."""
-    peak_bytes: int = 0
-    population: int = 1
 
 
 def train_population(configs: Sequence[Config], folders: Optional[Sequence[Optional[Path]]] = None,
@@ -178,7 +131,6 @@ def train_population(configs: Sequence[Config], folders: Optional[Sequence[Optio
     dataset already on the device (load_population_data), shared by several calls."""
     from dlbase.engine import plan_run, resolve_device
     from dlbase.phases import Phases
-    from dlbase.poptrain import Population
     check_population(configs, folds, folders)
     phases = Phases()
     with phases("device"):
@@ -233,16 +185,6 @@ class SeedSummary:
 
 
 MAX_SEEDS = 10_000
-
-
-def folder_list(folders: Sequence[Path], show: int = 4) -> str:
-    """Folders for one line: all of a few; of many, the first and last few, the count and their parent."""
-    if len(folders) <= 2 * show:
-        return ", ".join(str(f) for f in folders)
-    parents = {f.parent for f in folders}
-    where = f" in {next(iter(parents))}" if len(parents) == 1 else ""
-    return (", ".join(str(f.name if where else f) for f in folders[:show]) + ", ..., "
-            + ", ".join(str(f.name if where else f) for f in folders[-show:]) + f" ({len(folders)} folders{where})")
 
 
 def parse_seeds(text: str) -> list[int]:

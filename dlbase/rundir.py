@@ -9,7 +9,7 @@ import math
 import os
 import shlex
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from dlbase.errors import CheckpointError
 
@@ -175,3 +175,13 @@ def cell(v: Any) -> str:
     if isinstance(v, (list, tuple, dict)):
         return json.dumps(v).replace(" ", "")
     return str(v)
+
+
+def folder_list(folders: Sequence[Path], show: int = 4) -> str:
+    """Folders for one line: all of a few; of many, the first and last few, the count and their parent."""
+    if len(folders) <= 2 * show:
+        return ", ".join(str(f) for f in folders)
+    parents = {f.parent for f in folders}
+    where = f" in {next(iter(parents))}" if len(parents) == 1 else ""
+    return (", ".join(str(f.name if where else f) for f in folders[:show]) + ", ..., "
+            + ", ".join(str(f.name if where else f) for f in folders[-show:]) + f" ({len(folders)} folders{where})")

@@ -1,4 +1,4 @@
-"""A sweep's Optuna study: the search space as Optuna distributions, its samplers and pruners, the storage (an
+"""A sweep's Optuna study (its search space in Optuna's terms is dlbase/space.py): its samplers and pruners, the storage (an
 SQLite file in the sweep folder by default, any database URL Optuna takes, or a journal file), the trial slots
 every worker takes from, and the heartbeat that lets a dead worker's trial be retried by another.
 
@@ -11,7 +11,6 @@ folder and goes on from its last checkpoint.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -22,9 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from dlbase.errors import ConfigError, DlbaseError
+from dlbase.space import decode, optuna_module, slots
 
-METHODS = ("grid", "random", "tpe")
-PRUNERS = ("none", "median", "hyperband")
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 SLOT = "dlbase.slot"  # user attr: the trial's slot (its folder trial-NNN); a retry inherits it
@@ -33,79 +31,9 @@ BASE = "dlbase.base"  # user attr: the resolved base config (dotted key -> value
 HEARTBEAT = "dlbase.heartbeat"  # system attr: the last beat (time.time()), where the storage has no heartbeat
 
 
-def _optuna():
-    import warnings
-
-    try:
-        import optuna  # lazy: `dlbase train` never needs it
-    except ImportError:
-        raise DlbaseError("dlbase sweep runs on Optuna, which is not installed here: pip install 'optuna>=4.9'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # dlbase prints its own line per trial
-    # heartbeat, retry and fail_stale_trials are marked experimental; dlbase pins optuna>=4 and tests them
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    return optuna
-
-
-# ---------------------------------------------------------------------------------------------- the space
-def encode(value: Any) -> Any:
-    """Optuna's categorical choices are None, bool, int, float or str: a list (model.hidden) travels as JSON."""
-    return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
-
-
-def distributions(params: dict) -> dict:
-    """dotted key -> Optuna distribution, for a spec's params (lists and distribution mappings)."""
-    _optuna()
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-    out = {}
-    for key, space in params.items():
-        if isinstance(space, list):
-            out[key] = CategoricalDistribution([encode(v) for v in space])
-        elif space["distribution"] == "choice":
-            out[key] = CategoricalDistribution([encode(v) for v in space["values"]])
-        elif space["distribution"] == "int_uniform":
-            out[key] = IntDistribution(int(space["low"]), int(space["high"]))
-        else:
-            out[key] = FloatDistribution(space["low"], space["high"], log=space["distribution"] == "log_uniform")
-    return out
-
-
-def decode(params: dict, values: dict) -> dict:
-    """Optuna's param values -> the spec's values (a JSON-encoded choice back to its list)."""
-    out = {}
-    for key, v in values.items():
-        space = params[key]
-        choices = space if isinstance(space, list) else space.get("values")
-        out[key] = choices[[encode(c) for c in choices].index(v)] if choices is not None else v
-    return out
-
-
-def slots(spec) -> list[dict]:
-    """Every trial the study will hold, as Optuna param values fixed in advance: the grid's points (in order),
-    `trials` seeded draws of Optuna's RandomSampler, or for TPE its seeded start-up draws then empty slots."""
-    import itertools
-    keys = list(spec.params)
-    if spec.method == "grid":
-        return [dict(zip(keys, (encode(v) for v in combo))) for combo in itertools.product(*spec.params.values())]
-    n_random = spec.trials if spec.method == "random" else tpe_startup(spec.trials)
-    optuna = _optuna()
-    draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.seed))  # in memory
-    dists = distributions(spec.params)
-    out = []
-    for _ in range(n_random):
-        t = draws.ask(dists)
-        draws.tell(t, 0.0)
-        out.append(dict(t.params))
-    return out + [{} for _ in range(spec.trials - n_random)]
-
-
-def tpe_startup(trials: int) -> int:
-    """TPE's random start-up trials: a quarter of the budget, at least 2, at most 10 (Optuna's default)."""
-    return max(2, min(10, trials // 4)) if trials > 2 else trials
-
-
 def sampler(spec, rank: int):
     """The sampler a worker uses for an empty slot (TPE); fixed slots need none. Seeded per local worker."""
-    optuna = _optuna()
+    optuna = optuna_module()
     if spec.method != "tpe":
         return optuna.samplers.RandomSampler(seed=spec.seed + rank)  # never consulted: every slot is fixed
     # constant_liar: trials still running count as bad guesses, so parallel workers spread out
@@ -115,7 +43,7 @@ def sampler(spec, rank: int):
 
 def pruner(spec, steps: int):
     """steps: the reports a trial makes (epochs, or folds with cross-validation)."""
-    optuna = _optuna()
+    optuna = optuna_module()
     if spec.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=spec.prune_after, n_warmup_steps=0)
     if spec.pruner == "hyperband":
@@ -133,7 +61,7 @@ def open_storage(url: str, heartbeat: int, retries: int, where: str):
     """An Optuna storage for url: a database URL (sqlite:///, postgresql://, mysql://) with Optuna's heartbeat
     and retry of stale trials, or a journal file (a path ending in .log / .journal / .jsonl, for shared file
     systems; dlbase keeps its heartbeat in a trial attribute there)."""
-    _optuna()
+    optuna_module()
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     if "://" not in url and url.endswith(SQLITE_SUFFIXES):  # a path to an SQLite file: what else could it be
         url = f"sqlite:///{Path(url).expanduser().resolve()}"
@@ -163,7 +91,7 @@ def open_storage(url: str, heartbeat: int, retries: int, where: str):
         raise ConfigError(f"{where}: {url}: the database driver is missing ({e}); pip install psycopg[binary] for "
                           f"PostgreSQL, PyMySQL for MySQL") from None
     except Exception as e:  # sqlalchemy's errors: a bad URL, a server not there, a refused login
-        raise ConfigError(f"{where}: cannot open the study's storage {_hide_password(url)}: "
+        raise ConfigError(f"{where}: cannot open the study's storage {hide_password(url)}: "
                           f"{storage_reason(e)}") from None
 
 
@@ -192,7 +120,7 @@ def storage_reason(e: BaseException) -> str:
     return first
 
 
-def _hide_password(url: str) -> str:
+def hide_password(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
 
 
@@ -204,7 +132,7 @@ class Study:
 
     def __init__(self, spec, root: Path, storage_text: Optional[str], record: dict, rank: int = 0,
                  steps: int = 1, log: Callable[[str], None] = print, base: Optional[dict] = None):
-        optuna = _optuna()
+        optuna = optuna_module()
         self.spec, self.log = spec, log
         self.url = storage_url(storage_text, root)
         where = "--storage" if storage_text else f"{root / 'study.db'}"
@@ -235,12 +163,12 @@ class Study:
         except DlbaseError:
             raise
         except Exception as e:  # the database refused: read-only, full, a lost connection
-            raise ConfigError(f"{where}: the study's storage {_hide_password(self.url)} failed: "
+            raise ConfigError(f"{where}: the study's storage {hide_password(self.url)} failed: "
                               f"{storage_reason(e)}") from None
         if not created and stored != record:
             from dlbase.sweepspec import changed_keys
             changes = changed_keys(stored, record) if isinstance(stored, dict) else ["not made by dlbase sweep"]
-            raise ConfigError(f"{_hide_password(self.url)}: study {spec.name!r} there was made by another sweep "
+            raise ConfigError(f"{hide_password(self.url)}: study {spec.name!r} there was made by another sweep "
                               f"({'; '.join(changes[:4])}); give the new one another name (sweep name:)")
         self.storage = self.study._storage  # what Optuna's own ask() writes through (it caches trials)
         self.heartbeat_native = _native_heartbeat(self.storage)
@@ -275,7 +203,7 @@ class Study:
 
     def fail_stale(self) -> None:
         """Mark trials whose worker stopped beating failed, and enqueue their retries."""
-        optuna = _optuna()
+        optuna = optuna_module()
         from optuna.trial import TrialState
         if self.heartbeat_native:
             optuna.storages.fail_stale_trials(self.study)
@@ -297,7 +225,7 @@ class Study:
         if counts:
             RetryHeartbeatStaleTrialCallback(max_retry=self.spec.retries)(self.study, frozen)
             return
-        optuna = _optuna()
+        optuna = optuna_module()
         system_attrs = {"failed_trial": frozen.number, "retry_history": [], **frozen.system_attrs}
         self.study.add_trial(optuna.create_trial(
             state=optuna.trial.TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
@@ -438,11 +366,11 @@ def storage_errors(url: str):
 
     @contextlib.contextmanager
     def guard():
-        optuna = _optuna()
+        optuna = optuna_module()
         try:
             yield
         except optuna.exceptions.StorageInternalError as e:
-            raise StudyError(f"the study's storage {_hide_password(url)} failed mid-sweep ({storage_reason(e)}); finished "
+            raise StudyError(f"the study's storage {hide_password(url)} failed mid-sweep ({storage_reason(e)}); finished "
                              f"trials are kept there: once it is reachable, rerun the same command to go on") from None
     return guard()
 

@@ -25,7 +25,7 @@ import yaml
 
 from dlbase import checkpoint, rundir
 from dlbase.config import Config, config_from_dict, to_dict, to_yaml
-from dlbase.errors import ConfigError, DlbaseError, TrainingDiverged
+from dlbase.errors import ConfigError, DlbaseError, SweepStopped, TrainingDiverged
 from dlbase.sweepspec import (DISTRIBUTIONS, SWEEP_KEYS, WHERE_KEYS, SweepSpec, changed_keys,  # noqa: F401
                               flat, load_sweep, parse_grid_option, parse_spec, sample, trial_config)
 
@@ -70,7 +70,7 @@ class Sweep:
                     f"{n - n // k}), and one population trains on one size; use a data.subset that {k} divides "
                     f"(e.g. {n - n % k}) or sweep.population: 1")
 
-    def _config(self, values: dict, slot: int) -> Config:
+    def config_for(self, values: dict, slot: int) -> Config:
         return trial_config(self.base_raw, values, f"trial-{slot:03d}", str(self.root), self.source, self.sets,
                             self.spec.metric)
 
@@ -78,7 +78,7 @@ class Sweep:
         """Every trial fixed in advance (grid, random, TPE's start-up) validated as a config; for TPE also each
         value of each list and both ends of each range, alone on the base."""
         spec = self.spec
-        configs = [self._config(values, i) for i, values in enumerate(sample(spec))]
+        configs = [self.config_for(values, i) for i, values in enumerate(sample(spec))]
         if spec.method == "tpe":
             for key, space in spec.params.items():
                 values = space if isinstance(space, list) else space.get("values") or [space["low"], space["high"]]
@@ -148,7 +148,7 @@ class Sweep:
             values = study.params_of(slot)
             if values is None:
                 continue
-            cfg = self._config(values, slot)
+            cfg = self.config_for(values, slot)
             done = folder / RESULT_FILE
             if done.exists():
                 try:
@@ -247,7 +247,7 @@ class Sweep:
                         for trial in taken:
                             beats.enter_context(study.beating(trial))
                         if k == 1:
-                            self._run_trial(study, taken[0], prefix)
+                            self.run_trial(study, taken[0], prefix)
                         else:
                             run_population(self, study, taken, prefix)
                 except BaseException as e:  # a signal, an error: what is not told yet is retried, from its files
@@ -260,31 +260,32 @@ class Sweep:
         finally:
             bar.close()
 
-    def _run_trial(self, study, trial, prefix: str, values: Optional[dict] = None,
+    def run_trial(self, study, trial, prefix: str, values: Optional[dict] = None,
                    cfg: Optional[Config] = None) -> dict:
         """Train one trial (each fold with cross-validation), reporting to the pruner; tell the study how it
         ended. A diverged or invalid trial is a result; a stopped one is retried when the sweep is rerun.
         values, cfg: already drawn and built (a population's worker)."""
         from optuna.trial import TrialState
 
-        from dlbase.study import SLOT, decode, distributions
+        from dlbase.space import decode, distributions, suggest
+        from dlbase.study import SLOT
 
         spec = self.spec
         slot = int(trial.user_attrs[SLOT])
         name = f"trial-{slot:03d}"
         if values is None:
-            values = decode(spec.params, {k: _suggest(trial, k, d) for k, d in distributions(spec.params).items()})
+            values = decode(spec.params, {k: suggest(trial, k, d) for k, d in distributions(spec.params).items()})
         try:
-            cfg = cfg or self._config(values, slot)
+            cfg = cfg or self.config_for(values, slot)
         except ConfigError as e:  # a TPE draw the config checks refuse (e.g. a combination): a failed result
-            return self._tell(study, trial, {"trial": name, **values, "status": "invalid", "score": None,
+            return self.tell(study, trial, {"trial": name, **values, "status": "invalid", "score": None,
                                              "std": None, "epochs": None, "seconds": 0.0, "error": str(e)},
                               TrialState.FAIL, prefix)
         outcome = self._train_folds(trial, values, cfg)  # a signal or an error: _work gives the trial back
         state = {"finished": TrialState.COMPLETE, "pruned": TrialState.PRUNED}.get(outcome["status"], TrialState.FAIL)
-        return self._tell(study, trial, {"trial": name, **values, **outcome}, state, prefix, cfg)
+        return self.tell(study, trial, {"trial": name, **values, **outcome}, state, prefix, cfg)
 
-    def _tell(self, study, trial, row: dict, state, prefix: str, cfg: Optional[Config] = None) -> dict:
+    def tell(self, study, trial, row: dict, state, prefix: str, cfg: Optional[Config] = None) -> dict:
         import socket
 
         from optuna.trial import TrialState
@@ -395,7 +396,7 @@ class Sweep:
 
         spec, root = self.spec, self.root
         slot = int(winner["trial"].split("-", 1)[1])
-        win_cfg = self._config({k: winner[k] for k in spec.params}, slot)
+        win_cfg = self.config_for({k: winner[k] for k in spec.params}, slot)
         final_cfg, epochs_note = self._final_config(win_cfg) if spec.cv_folds else (win_cfg, "")
         best_cfg = replace(final_cfg, name=f"{spec.name[:123]}_best",
                            checkpoint=replace(final_cfg.checkpoint, dir=self.base.checkpoint.dir))
@@ -521,8 +522,8 @@ def _shown(changes: list[str]) -> str:
 
 
 def _shown_url(url: str) -> str:
-    from dlbase.study import _hide_password
-    return _hide_password(url)
+    from dlbase.study import hide_password
+    return hide_password(url)
 
 
 def _suggest(trial, key: str, dist) -> Any:
@@ -548,11 +549,3 @@ def _config_yaml(folder: Path) -> Optional[dict]:
             continue
         return raw if isinstance(raw, dict) else None
     return None
-
-
-class SweepStopped(DlbaseError):
-    """SIGTERM/SIGINT during a sweep: the running trial is saved, and the sweep resumes when rerun."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code

@@ -14,10 +14,10 @@ import math
 import statistics
 import time
 from dataclasses import replace
-from typing import Optional
+
 
 from dlbase import checkpoint
-from dlbase.errors import ConfigError
+from dlbase.errors import ConfigError, SweepStopped
 
 
 def population_size(spec, cfg) -> int:
@@ -35,23 +35,24 @@ def run_population(sweep, study, trials: list, prefix: str) -> None:
     from optuna.trial import TrialState
 
     from dlbase.population import group_by_shape
-    from dlbase.study import SLOT, decode, distributions
+    from dlbase.space import decode, distributions, suggest
+    from dlbase.study import SLOT
 
     spec, alone, ready = sweep.spec, [], []
     for trial in trials:
         slot = int(trial.user_attrs[SLOT])
-        values = decode(spec.params, {k: _suggest(trial, k, d) for k, d in distributions(spec.params).items()})
+        values = decode(spec.params, {k: suggest(trial, k, d) for k, d in distributions(spec.params).items()})
         try:
-            cfg = sweep._config(values, slot)
+            cfg = sweep.config_for(values, slot)
         except ConfigError as e:  # as alone: a draw the config checks refuse is an invalid result
-            sweep._tell(study, trial, {"trial": f"trial-{slot:03d}", **values, "status": "invalid", "score": None,
+            sweep.tell(study, trial, {"trial": f"trial-{slot:03d}", **values, "status": "invalid", "score": None,
                                        "std": None, "epochs": None, "seconds": 0.0, "error": str(e)},
                         TrialState.FAIL, prefix)
             continue
         started = any((run / "last.ckpt").exists() for run in _runs(sweep, cfg))
         (alone if started else ready).append((trial, values, cfg))
     for trial, values, cfg in alone:  # a retry with a checkpoint: resumed alone, exactly where it stopped
-        sweep._run_trial(study, trial, prefix, values=values, cfg=cfg)
+        sweep.run_trial(study, trial, prefix, values=values, cfg=cfg)
     for group in group_by_shape([cfg for _, _, cfg in ready]):
         _train_group(sweep, study, [ready[i] for i in group], prefix)
 
@@ -64,7 +65,6 @@ def _runs(sweep, cfg) -> list:
 def _train_group(sweep, study, group: list, prefix: str) -> None:
     """One population: every fold of every trial in the group a member; then each trial told its result."""
     from dlbase.population import train_population
-    from dlbase.sweep import SweepStopped
 
     spec = sweep.spec
     configs, folders, folds, hooks, owner = [], [], [], [], []
@@ -86,14 +86,14 @@ def _train_group(sweep, study, group: list, prefix: str) -> None:
                            f"every member is saved; rerun the same command to go on from there", code)
     for t, (trial, values, cfg) in enumerate(group):
         outcome = _outcome(spec, [(r, run) for r, run, o in zip(results, folders, owner) if o == t], seconds)
-        sweep._tell(study, trial, {"trial": cfg.name, **values, **outcome}, _state(outcome["status"]), prefix, cfg)
+        sweep.tell(study, trial, {"trial": cfg.name, **values, **outcome}, _state(outcome["status"]), prefix, cfg)
 
 
 def _data(sweep, cfg):
     """The training and test sets on the device once per data config for the whole sweep, as the trials
     trained alone share theirs (sweep.cache)."""
     from dlbase.engine import plan_run, resolve_device
-    from dlbase.population import load_population_data
+    from dlbase.popdata import load_population_data
     device = resolve_device(cfg.device)
     dtype = plan_run(cfg, device).data_dtype
     key = ("population", repr(cfg.data), str(device), str(dtype))
@@ -129,15 +129,3 @@ def _reporter(trial, spec):
         trial.report(value, epoch)
         return trial.should_prune()
     return report
-
-
-def _suggest(trial, key: str, dist):
-    from dlbase.sweep import _suggest as suggest
-    return suggest(trial, key, dist)
-
-
-def check_population(value, source: str) -> Optional[str]:
-    """The spec's population value, or an error message."""
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4096):
-        return None
-    return f"{value!r} is not auto or an integer from 1 to 4096"

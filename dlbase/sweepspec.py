@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 from dlbase.config import Config, config_from_dict, parse_yaml, read_config_file
 from dlbase.errors import ConfigError
 from dlbase.schema import UNSWEPT_KEYS
+from dlbase.space import METHODS, PRUNERS, decode, encode, slots
 from dlbase.rundir import cell
 
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
@@ -48,8 +49,6 @@ def _fail(source: str, key: str, msg: str) -> ConfigError:
 
 def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
     """Check a sweep mapping (from --sweep, a `sweep:` section, or --grid) into a SweepSpec."""
-    from dlbase.study import METHODS, PRUNERS, encode
-
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a sweep must be a mapping with params:, method:, metric:, ...")
     for k in raw:
@@ -83,9 +82,8 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
         if key == "trials" and method != "grid" and v > MAX_TRIALS:
             raise _fail(source, "sweep.trials", f"{v:,} trials: at most {MAX_TRIALS:,} per sweep")
         ints[key] = v
-    from dlbase.sweep_population import check_population
     population = raw.get("population", 1)
-    bad = check_population(population, source)
+    bad = population_error(population)
     if bad:
         raise _fail(source, "sweep.population", bad + " (auto: as many trials as fit in memory)")
     storage = raw.get("storage")
@@ -175,7 +173,6 @@ def parse_grid_option(text: str) -> tuple[str, list]:
 def sample(spec: SweepSpec) -> list[dict]:
     """The trials fixed in advance: the full product (grid), `trials` seeded draws of Optuna's RandomSampler
     (random), or TPE's seeded start-up draws (the rest TPE chooses as results come in)."""
-    from dlbase.study import decode, slots
     return [decode(spec.params, s) for s in slots(spec) if s]
 
 
@@ -230,3 +227,10 @@ def flat(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def population_error(value) -> Optional[str]:
+    """The spec's population value, or an error message."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4096):
+        return None
+    return f"{value!r} is not auto or an integer from 1 to 4096"

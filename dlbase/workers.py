@@ -14,7 +14,7 @@ import subprocess
 import sys
 from typing import Callable
 
-from dlbase.errors import DlbaseError
+from dlbase.errors import DlbaseError, SweepStopped
 
 THREADS_ENV = "DLBASE_THREADS"  # torch CPU threads for a worker (dlbase sweep --worker reads it)
 
@@ -47,7 +47,6 @@ def plan_gpus(n: int, device: str) -> tuple[list[dict], str]:
 def run_workers(argv: list[str], n: int, device: str, log: Callable[[str], None]) -> None:
     """Start n workers with argv (the sweep's own arguments) and wait for all of them. A signal here is passed
     on: each worker saves its trial and stops, and this raises the signal's exit status."""
-    from dlbase.sweep import SweepStopped
 
     envs, how = plan_gpus(n, device)
     log(how)
