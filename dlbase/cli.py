@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from dlbase.errors import DlbaseError
+from dlbase.core.errors import DlbaseError
 
 app = typer.Typer(
     help="Train MLPs on MNIST from a YAML file of hyperparameters, on the GPU when there is one.",
@@ -53,8 +53,8 @@ def train(
                               "accuracy (measured as dlbase eval does)."),
 ) -> None:
     """Train a model; writes config.yaml, metrics.csv, last.ckpt, best.ckpt and plots into <checkpoint.dir>/<name>/."""
-    from dlbase.state import configure
-    from dlbase.train import train as run_training
+    from dlbase.training.state import configure
+    from dlbase.training.train import train as run_training
 
     if seeds is not None or test:
         return _train_seeds(config, set_, resume, seeds, test)
@@ -70,8 +70,8 @@ def train(
 
 def _train_seeds(config: Optional[Path], sets: List[str], resume: Optional[Path], seeds: Optional[str],
                  test: bool) -> None:
-    from dlbase.config import load_config
-    from dlbase.population import parse_seeds, train_seeds
+    from dlbase.core.config import load_config
+    from dlbase.population.train import parse_seeds, train_seeds
 
     if seeds is None:
         raise DlbaseError("--test goes with --seeds (the test accuracy over seeds); for one run use dlbase eval "
@@ -101,7 +101,7 @@ def eval_(
                                           show_default=False),
 ) -> None:
     """Report accuracy and mean loss of a checkpoint on a split; needs nothing but the checkpoint and the data."""
-    from dlbase.evaluate import evaluate_checkpoint, format_result
+    from dlbase.training.evaluate import evaluate_checkpoint, format_result
 
     result = evaluate_checkpoint(ckpt, split, data_root, report)
     typer.echo(json.dumps(result) if as_json else format_result(result, report))
@@ -122,8 +122,8 @@ def gradcheck(
     Every weight and bias gradient of the configured MLP, on a batch of synthetic inputs in [0, 1] with
     random labels; one row per layer; exit 1 when any layer differs by more than --tol.
     """
-    from dlbase.backprop import gradcheck_config
-    from dlbase.config import load_config
+    from dlbase.core.backprop import gradcheck_config
+    from dlbase.core.config import load_config
 
     lines, ok = gradcheck_config(load_config(config, set_), batch, tol, str(config))
     typer.echo("\n".join(lines))
@@ -136,7 +136,7 @@ def gradcheck(
 def plot(run_dir: Path = typer.Argument(..., help="A run folder (<checkpoint.dir>/<name>) with metrics.csv.",
                                         show_default=False)) -> None:
     """Draw curves.png (loss, accuracy, lr per epoch) and gradnorms.png (per-layer norms) into the run folder."""
-    from dlbase.report import plot_run
+    from dlbase.training.report import plot_run
 
     for path in plot_run(run_dir):
         typer.echo(str(path))
@@ -167,8 +167,8 @@ def sweep(
     """Run a hyperparameter search on Optuna, choosing on validation data only; rerun the same command to resume
     it. Writes <checkpoint.dir>/<sweep name>/: study.db, trial-NNN/ run folders, results.csv, best.yaml,
     winner.json."""
-    from dlbase.sweep import run_sweep
-    from dlbase.sweepspec import load_sweep
+    from dlbase.search.sweep import run_sweep
+    from dlbase.search.spec import load_sweep
 
     if worker is not None and os.environ.get("DLBASE_THREADS"):
         import torch
@@ -197,7 +197,7 @@ def export_(
     force: bool = typer.Option(False, "--force", help="Replace the output file if it exists."),
 ) -> None:
     """Write a checkpoint's model in a format other tools load: ONNX, safetensors, torch.export or TorchScript."""
-    from dlbase.export import export
+    from dlbase.tools.export import export
 
     typer.echo(str(export(ckpt, fmt, out, force)))
 
@@ -212,7 +212,7 @@ def predict(
 ) -> None:
     """Classify image files: each is turned to grey, ink-on-black, scaled into a 20x20 box and centred by mass
     in 28x28, the way MNIST was prepared; prints the label and its probability."""
-    from dlbase.export import predict as run
+    from dlbase.tools.export import predict as run
 
     for r in run(ckpt, images):
         typer.echo(json.dumps(r) if as_json else f"{r['image']}: {r['label']}  ({100 * r['probability']:.1f}%)")
@@ -232,8 +232,8 @@ def runs(
     """List the runs under a folder: status (finished, early-stopped, preempted, diverged, unfinished, broken),
     epochs, best validation accuracy, test accuracy (once dlbase eval measured it), training seconds, and the
     hyperparameters that differ between them."""
-    from dlbase.runs import as_json as run_json, list_runs, table
-    from dlbase.schema import CheckpointConfig
+    from dlbase.tools.runs import as_json as run_json, list_runs, table
+    from dlbase.core.schema import CheckpointConfig
 
     root = folder if folder is not None else Path(CheckpointConfig().dir)
     found, keys = list_runs(root, sort)
@@ -253,7 +253,7 @@ def config_show(
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP, show_default=False),
 ) -> None:
     """Print the fully resolved config as YAML, every default filled in."""
-    from dlbase.config import load_config, to_yaml
+    from dlbase.core.config import load_config, to_yaml
 
     typer.echo(to_yaml(load_config(config, set_)), nl=False)
 
@@ -265,11 +265,11 @@ def config_validate(
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP, show_default=False),
 ) -> None:
     """Check a config (and overrides) without running anything; exit 0 when valid, 2 with the reason when not."""
-    from dlbase.config import load_config, read_config_file
+    from dlbase.core.config import load_config, read_config_file
 
     raw = read_config_file(config)
     if isinstance(raw, dict) and "sweep" in raw:  # a sweep config: the run config and its sweep: section
-        from dlbase.sweepspec import load_sweep
+        from dlbase.search.spec import load_sweep
 
         _, spec, _ = load_sweep(config, None, [], set_)
         typer.echo(f"{config}: valid config with a sweep of {len(spec.params)} params")
@@ -288,8 +288,8 @@ def config_schema(
     """Print the JSON Schema (draft-07) of a config file, for editors: every key with its type, range, choices,
     default and help. A YAML file whose first line is `# yaml-language-server: $schema=PATH` gets completion and
     checks in VS Code's YAML extension."""
-    from dlbase.rundir import write_atomic
-    from dlbase.editorschema import json_schema
+    from dlbase.core.rundir import write_atomic
+    from dlbase.core.editorschema import json_schema
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if out is not None and out.exists() and not force:
@@ -306,7 +306,7 @@ def main(fast_exit: bool = True) -> None:
     of range) are one line on stderr and exit status 2, like every other mistake of the user's."""
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
-    from dlbase.errors import one_line
+    from dlbase.core.errors import one_line
 
     try:
         code = app(standalone_mode=False)

@@ -36,12 +36,12 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dlbase.config import load_config  # noqa: E402
-from dlbase.data import SPLIT_FILES, Batcher, find_split, load_dataset, locate  # noqa: E402
-from dlbase.engine import Engine, Plan, reasons, set_matmul_precision  # noqa: E402
-from dlbase.loss import build_loss  # noqa: E402
-from dlbase.model import MLP  # noqa: E402
-from dlbase.optim import build_optimizer, build_schedule  # noqa: E402
+from dlbase.core.config import load_config  # noqa: E402
+from dlbase.core.data import SPLIT_FILES, Batcher, find_split, load_dataset, locate  # noqa: E402
+from dlbase.training.engine import Engine, Plan, reasons, set_matmul_precision  # noqa: E402
+from dlbase.core.loss import build_loss  # noqa: E402
+from dlbase.core.model import MLP  # noqa: E402
+from dlbase.core.optim import build_optimizer, build_schedule  # noqa: E402
 
 DLBASE_MODES = {  # name -> (precision, compile)
     "dlbase_eager": ("fp32", "none"),

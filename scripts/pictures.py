@@ -17,11 +17,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dlbase.config import load_config  # noqa: E402
-from dlbase.data import load_dataset  # noqa: E402
-from dlbase.report import eval_report  # noqa: E402
-from dlbase.state import load_for_eval  # noqa: E402
-from dlbase.train import train  # noqa: E402
+from dlbase.core.config import load_config  # noqa: E402
+from dlbase.core.data import load_dataset  # noqa: E402
+from dlbase.training.report import eval_report  # noqa: E402
+from dlbase.training.state import load_for_eval  # noqa: E402
+from dlbase.training.train import train  # noqa: E402
 
 DOCS = REPO / "docs"
 

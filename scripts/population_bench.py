@@ -30,10 +30,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dlbase.config import load_config  # noqa: E402
-from dlbase.population import train_population  # noqa: E402
-from dlbase.poptrain import peak_rss_bytes  # noqa: E402
-from dlbase.train import train  # noqa: E402
+from dlbase.core.config import load_config  # noqa: E402
+from dlbase.population.train import train_population  # noqa: E402
+from dlbase.population.loop import peak_rss_bytes  # noqa: E402
+from dlbase.training.train import train  # noqa: E402
 
 
 def configs(args) -> list:
@@ -54,8 +54,8 @@ def configs(args) -> list:
 def step_times(cfg, K: int, device: torch.device, steps: int = 20) -> dict:
     """ms per training step (forward, cross-entropy, backward) of K stacked MLPs: baddbmm vs torch.func."""
     from torch.func import functional_call, stack_module_state, vmap
-    from dlbase.model import build_model
-    from dlbase.popmodel import StackedMLP
+    from dlbase.core.model import build_model
+    from dlbase.population.stacked import StackedMLP
     B = cfg.train.batch_size
     models = [build_model(dataclasses.replace(cfg, seed=j), (28, 28), device) for j in range(K)]
     x, y = torch.rand(K, B, 784, device=device), torch.randint(0, 10, (K, B), device=device)

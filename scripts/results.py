@@ -23,13 +23,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dlbase.config import load_config  # noqa: E402
-from dlbase.data import load_dataset  # noqa: E402
-from dlbase.evaluate import evaluate  # noqa: E402
-from dlbase.loss import build_eval_loss  # noqa: E402
-from dlbase.engine import resolve_device  # noqa: E402
-from dlbase.state import load_for_eval  # noqa: E402
-from dlbase.train import train  # noqa: E402
+from dlbase.core.config import load_config  # noqa: E402
+from dlbase.core.data import load_dataset  # noqa: E402
+from dlbase.training.evaluate import evaluate  # noqa: E402
+from dlbase.core.loss import build_eval_loss  # noqa: E402
+from dlbase.training.engine import resolve_device  # noqa: E402
+from dlbase.training.state import load_for_eval  # noqa: E402
+from dlbase.training.train import train  # noqa: E402
 
 
 def run_one(path: Path, sets: list[str], ckpt_dir: str) -> dict:

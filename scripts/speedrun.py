@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dlbase.phases import parse as parse_phases  # noqa: E402
+from dlbase.training.phases import parse as parse_phases  # noqa: E402
 
 
 def dlbase(*args: str) -> subprocess.CompletedProcess:

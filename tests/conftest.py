@@ -81,8 +81,8 @@ def mnist_root() -> Path:
 
 
 class StopAt:
-    """Stands in for dlbase.preempt.Preemption: a stop request once `after` steps have been asked about (the real
-    stop path, no signal needed). monkeypatch dlbase.train.Preemption with StopAt(n)."""
+    """Stands in for dlbase.training.preempt.Preemption: a stop request once `after` steps have been asked about (the real
+    stop path, no signal needed). monkeypatch dlbase.training.train.Preemption with StopAt(n)."""
 
     def __init__(self, after: int):
         self.after, self.calls, self.signum = after, 0, None

@@ -7,11 +7,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dlbase import backprop
+from dlbase.core import backprop
 from dlbase.cli import app
-from dlbase.config import ACTIVATIONS, ModelConfig, load_config
-from dlbase.model import MLP
-from dlbase.train import train
+from dlbase.core.config import ACTIVATIONS, ModelConfig, load_config
+from dlbase.core.model import MLP
+from dlbase.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = [("cross_entropy", "softmax"), ("mse", "softmax"), ("mse", "sigmoid")]
@@ -85,15 +85,15 @@ def test_manual_engine_tracks_autograd(tiny_config, tmp_path, sets):
 
 
 def test_manual_engine_refuses_learned_encodings(tiny_config):
-    from dlbase.errors import ConfigError
+    from dlbase.core.errors import ConfigError
     with pytest.raises(ConfigError, match="model.encoding.name: learned has trainable parameters"):
         load_config(tiny_config, ["train.engine=manual", "model.encoding.name=learned"])
 
 
 def test_manual_engine_on_the_notes_network_matches_autograd_on_mnist(mnist_root, tmp_path):
-    from dlbase.data import load_dataset
-    from dlbase.evaluate import evaluate
-    from dlbase.state import load_for_eval
+    from dlbase.core.data import load_dataset
+    from dlbase.training.evaluate import evaluate
+    from dlbase.training.state import load_for_eval
     accs = {}
     for engine in ("autograd", "manual"):
         cfg = load_config(REPO / "configs" / "mnist_sigmoid_mse.yaml",

@@ -5,8 +5,8 @@ import zipfile
 import pytest
 import torch
 
-from dlbase import checkpoint
-from dlbase.errors import CheckpointError
+from dlbase.training import checkpoint
+from dlbase.core.errors import CheckpointError
 
 
 def payload(**extra):

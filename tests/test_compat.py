@@ -12,10 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_dataset
-from dlbase import checkpoint
+from dlbase.training import checkpoint
 from dlbase.cli import app
-from dlbase.config import config_from_dict
-from dlbase.train import train
+from dlbase.core.config import config_from_dict
+from dlbase.training.train import train
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 import sys  # noqa: E402

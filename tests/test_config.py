@@ -6,8 +6,8 @@ import yaml
 from typer.testing import CliRunner
 
 from dlbase.cli import app
-from dlbase.config import Config, load_config, parse_yaml, to_yaml
-from dlbase.errors import ConfigError
+from dlbase.core.config import Config, load_config, parse_yaml, to_yaml
+from dlbase.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_every_shipped_config_is_valid():
     assert configs
     for p in configs:
         if "sweep" in yaml.safe_load(p.read_text()):  # a base config with a sweep: section
-            from dlbase.sweep import load_sweep
+            from dlbase.search.sweep import load_sweep
             load_sweep(p, None, [], [])
         else:
             load_config(p)
@@ -246,7 +246,7 @@ def test_non_integral_or_out_of_range_numbers_name_the_key(tmp_path, text, key, 
 
 
 def test_a_sweep_distribution_takes_yaml_12_floats(tmp_path):
-    from dlbase.sweepspec import load_sweep
+    from dlbase.search.spec import load_sweep
     p = write(tmp_path, "sweep:\n  method: random\n  params:\n"
                         "    optim.lr: {distribution: log_uniform, low: 1e-4, high: 1e-1}\n")
     _, spec, _ = load_sweep(p, None, [], [])
@@ -257,7 +257,7 @@ def test_every_key_given_a_wrong_type_says_what_is_allowed_in_words():
     """No `<class 'tuple'>` reaches a user: each key, given null and values of the wrong type, names the key and
     what it takes in words."""
     import dataclasses
-    from dlbase.config import _all_paths, config_from_dict
+    from dlbase.core.config import _all_paths, config_from_dict
     seen = 0
     for key, f in _all_paths(Config).items():
         if dataclasses.is_dataclass(f.type) or f.metadata.get("help") is None or "choices" not in f.metadata:

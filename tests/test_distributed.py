@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlbase import checkpoint
-from dlbase.config import load_config
-from dlbase.train import train
+from dlbase.training import checkpoint
+from dlbase.core.config import load_config
+from dlbase.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,8 +43,8 @@ def test_two_processes_follow_one_with_the_same_global_batch(tiny_config, tmp_pa
 
 
 def test_global_batch_must_divide_among_ranks(tiny_config, monkeypatch):
-    from dlbase.errors import ConfigError
-    from dlbase.engine import plan_run
+    from dlbase.core.errors import ConfigError
+    from dlbase.training.engine import plan_run
     with pytest.raises(ConfigError, match="train.batch_size: 50 is the global batch"):
         plan_run(load_config(tiny_config), torch.device("cpu"), 3)
 
@@ -129,8 +129,8 @@ def test_batch_norm_under_torchrun_on_the_cpu_is_refused_in_one_line(tiny_config
 
 RANK_DRAW = """
 import sys, torch
-from dlbase.config import load_config
-from dlbase.train import Trainer
+from dlbase.core.config import load_config
+from dlbase.training.train import Trainer
 t = Trainer(load_config(sys.argv[1], sys.argv[2:]), log=lambda s: None)
 # one file per rank: two ranks printing to one pipe can interleave their lines under load
 open(f"{sys.argv[1]}.draw{t.group.rank}", "w").write(repr(torch.rand(4).tolist()))

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from dlbase.config import EncodingConfig, ModelConfig
-from dlbase.encoding import build_encoding
-from dlbase.model import MLP
+from dlbase.core.config import EncodingConfig, ModelConfig
+from dlbase.core.encoding import build_encoding
+from dlbase.core.model import MLP
 
 
 def gamma(p: float, L: int, include_input: bool) -> list[float]:

@@ -8,10 +8,10 @@ import csv
 import pytest
 import torch
 
-from dlbase import checkpoint
-from dlbase.config import GRAPH_OPTIMIZERS, load_config
-from dlbase.errors import ConfigError
-from dlbase.train import train
+from dlbase.training import checkpoint
+from dlbase.core.config import GRAPH_OPTIMIZERS, load_config
+from dlbase.core.errors import ConfigError
+from dlbase.training.train import train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -28,7 +28,7 @@ def run(tiny_config, tmp_path, tag, sets):
 
 
 def test_cpu_auto_is_eager_fp32(tiny_config, tmp_path):
-    from dlbase.engine import plan
+    from dlbase.training.engine import plan
     cfg = load_config(tiny_config)
     p = plan(cfg.train, torch.device("cpu"), "none")
     assert (p.precision, p.compile, p.data_dtype) == ("fp32", "none", torch.float32)
@@ -97,7 +97,7 @@ def test_graph_tracks_eager_at_the_same_precision(tiny_config, tmp_path, sets, p
 @pytest.mark.cuda
 def test_graph_resume_matches_uninterrupted_and_loads_on_cpu(tiny_config, tmp_path):
     from test_train import Interrupt, stop_after_epoch
-    from dlbase.state import load_for_eval
+    from dlbase.training.state import load_for_eval
     sets = ["device=cuda", "train.compile=graph", "train.precision=fp32", "train.epochs=4", "schedule.name=cosine",
             "model.dropout=0.1"]
     full, _ = run(tiny_config, tmp_path, "a", sets)

@@ -14,8 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from dlbase.cli import app
-from dlbase.config import load_config
-from dlbase.train import train
+from dlbase.core.config import load_config
+from dlbase.training.train import train
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -26,8 +26,8 @@ def trained(tmp_path_factory):
     """A checkpoint trained once for the module (tests that could harm it work on a copy), real test images
     and the model's logits on them."""
     from conftest import make_dataset
-    from dlbase.data import load_dataset
-    from dlbase.state import load_for_eval
+    from dlbase.core.data import load_dataset
+    from dlbase.training.state import load_for_eval
     root = tmp_path_factory.mktemp("trained")
     data = make_dataset(root / "tiny")
     cfg = load_config(None, ["device=cpu", f"data.root={data}", "data.download=false", "data.val_size=100",
@@ -83,8 +83,8 @@ def test_safetensors_loads_into_a_fresh_model(trained, tmp_path):
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    from dlbase.config import config_from_dict
-    from dlbase.model import build_model
+    from dlbase.core.config import config_from_dict
+    from dlbase.core.model import build_model
     cfg = config_from_dict(json.loads(meta["dlbase_config"]))
     h, w = json.loads(meta["input_shape"])
     model = build_model(cfg, (h, w), torch.device("cpu"))  # with the input standardisation's buffers
@@ -195,7 +195,7 @@ def test_export_to_a_directory_a_device_or_under_a_file(ckpt_copy, tmp_path):
 def test_export_on_a_full_disk_leaves_no_half_file(ckpt_copy, tmp_path, monkeypatch, fmt):
     """Issue 17 item 8: the disk fills half-way through the file: one line, exit 2, the file that was at --out
     before is whole, and no partial or temp file is left (each format is written by the one atomic write)."""
-    from dlbase import rundir
+    from dlbase.core import rundir
 
     def full_disk(path, mode="r", *args, **kwargs):
         fh = open(path, mode, *args, **kwargs)
@@ -248,7 +248,7 @@ def test_sixteen_bit_png_read_at_full_depth(tmp_path):
     times 257), not every level above 255/65535 clipped to white."""
     import numpy as np
     from PIL import Image
-    from dlbase.export import load_image
+    from dlbase.tools.export import load_image
     digit = ring()
     levels = (digit * 255).round().to(torch.int32)
     Image.frombytes("L", (28, 28), to_bytes(digit)).save(tmp_path / "d8.png")
@@ -267,7 +267,7 @@ def test_transparency_composited_onto_the_implied_background(tmp_path):
     one, and dark ink on opaque white paper with a transparent border all give the pixels of the same digit drawn
     bright on black (oracle: load_image of that plain greyscale file)."""
     from PIL import Image
-    from dlbase.export import load_image
+    from dlbase.tools.export import load_image
     digit = ring()
     binary = (digit > 0.5).float()
     Image.frombytes("L", (28, 28), to_bytes(digit)).save(tmp_path / "plain.png")
@@ -307,7 +307,7 @@ def save_png(path, img28, size, invert=False):
 
 
 def test_predict_on_png_and_jpeg_files(mnist_root, tmp_path):
-    from dlbase.data import load_dataset
+    from dlbase.core.data import load_dataset
     cfg = load_config(None, [f"data.root={mnist_root}", "device=cpu", "model.hidden=[256]", "train.epochs=2",
                              f"checkpoint.dir={tmp_path}", "data.val_size=1000"])
     result = train(cfg, log=lambda s: None)

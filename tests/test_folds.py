@@ -11,9 +11,9 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import synthetic_digits
-from dlbase import checkpoint
+from dlbase.training import checkpoint
 from dlbase.cli import app
-from dlbase.state import load_for_eval
+from dlbase.training.state import load_for_eval
 
 runner = CliRunner()
 N_TRAIN, SEED, K = 600, 0, 3
@@ -107,8 +107,8 @@ def test_resuming_a_fold_by_hand_trains_on_the_folds_data_as_the_uninterrupted_f
 
 def test_population_fold_members_record_their_folds_for_eval(tmp_path, tiny_data):
     """Folds trained as one population (a sweep's population: K) carry their folds too."""
-    from dlbase.config import load_config
-    from dlbase.population import train_population
+    from dlbase.core.config import load_config
+    from dlbase.population.train import train_population
     cfg_file = _config(tmp_path, tiny_data, "p", 1)
     import dataclasses
     base = load_config(cfg_file)

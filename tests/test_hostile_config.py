@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from dlbase.cli import app
-from dlbase.config import Config, _all_paths, load_config
-from dlbase.errors import ConfigError
+from dlbase.core.config import Config, _all_paths, load_config
+from dlbase.core.errors import ConfigError
 
 KEYS = sorted({p.rsplit(".", 1)[-1] for p in _all_paths(Config)}) + ["lerning_rate", "", "0", "nan"]
 SECTIONS = ["data", "model", "optim", "schedule", "train", "checkpoint", "encoding", "early_stop"]

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dlbase.loss import build_loss, squared_error
+from dlbase.core.loss import build_loss, squared_error
 
 
 def test_mse_on_sigmoid_outputs_by_hand():

@@ -4,11 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlbase.config import load_config
-from dlbase.data import load_dataset
-from dlbase.evaluate import evaluate
-from dlbase.state import load_for_eval
-from dlbase.train import train
+from dlbase.core.config import load_config
+from dlbase.core.data import load_dataset
+from dlbase.training.evaluate import evaluate
+from dlbase.training.state import load_for_eval
+from dlbase.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_altered_original_is_caught_by_md5(mnist_root, tmp_path):
 
     import pytest
 
-    from dlbase.errors import DataError
+    from dlbase.core.errors import DataError
     for f in mnist_root.glob("*-ubyte.gz"):
         shutil.copy(f, tmp_path / f.name)
     labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
@@ -51,7 +51,7 @@ def test_altered_original_is_caught_by_md5(mnist_root, tmp_path):
 def test_fashion_files_are_not_taken_for_mnist(tmp_path):
     import pytest
 
-    from dlbase.errors import DataError
+    from dlbase.core.errors import DataError
     fashion = Path("/usr/share/datasets/fashion-mnist")
     if not (fashion / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("Debian's dataset-fashion-mnist is not installed")

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from dlbase.config import ModelConfig
-from dlbase.model import MLP
+from dlbase.core.config import ModelConfig
+from dlbase.core.model import MLP
 
 
 @pytest.mark.parametrize("hidden", [(), (16,), (512, 512), (8, 4, 2)])

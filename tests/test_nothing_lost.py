@@ -11,12 +11,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from dlbase import checkpoint, rundir
-from dlbase.config import load_config
-from dlbase.errors import CheckpointError, DlbaseError
-from dlbase.state import load_for_eval
-from dlbase.state import configure
-from dlbase.train import train
+from dlbase.training import checkpoint
+from dlbase.core import rundir
+from dlbase.core.config import load_config
+from dlbase.core.errors import CheckpointError, DlbaseError
+from dlbase.training.state import load_for_eval
+from dlbase.training.state import configure
+from dlbase.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -335,7 +336,7 @@ def test_fuzzed_command_lines_end_in_success_or_one_line(precious):
 
 def test_ctrl_c_during_start_up_leaves_no_empty_folder_and_claims_no_checkpoint(tiny_config, tmp_path, monkeypatch):
     """Item 15: interrupted while the engine is being built (after the folder was claimed)."""
-    import dlbase.train as T
+    import dlbase.training.train as T
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from dlbase import config as C
-from dlbase.config import ScheduleConfig, load_config
-from dlbase.optim import OPTIMIZER_PARAMS, build_optimizer, build_schedule
-from dlbase.schema import OPTIM_INFO as OPTIMIZERS
+from dlbase.core import config as C
+from dlbase.core.config import ScheduleConfig, load_config
+from dlbase.core.optim import OPTIMIZER_PARAMS, build_optimizer, build_schedule
+from dlbase.core.schema import OPTIM_INFO as OPTIMIZERS
 
 LRS = {"sgd": 0.1, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.1, "rmsprop": 0.01, "adadelta": 1.0,
        "adam": 0.01, "adamw": 0.01}
@@ -195,7 +195,7 @@ def test_each_optimiser_gets_its_own_default_lr(name, lr):
 
 
 def test_adadelta_with_its_default_learns_where_the_shared_default_barely_moves(tiny_config):
-    from dlbase.train import train
+    from dlbase.training.train import train
     losses = {}
     for lr in ("null", "0.001"):  # tiny_config sets optim.lr; null asks for the optimiser's default
         cfg = load_config(tiny_config, ["optim.name=adadelta", f"optim.lr={lr}", "train.epochs=8"])

@@ -1,4 +1,4 @@
-"""Population training (dlbase/population.py, poptrain.py, popmodel.py, popoptim.py) against its oracles: each
+"""Population training (dlbase/population/train.py, loop.py, stacked.py, optim.py) against its oracles: each
 member against the same config trained alone by train(), the stacked optimisers against torch.optim, the run
 folders against what eval, export, predict and --resume read."""
 import csv
@@ -13,16 +13,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dlbase import checkpoint
+from dlbase.training import checkpoint
 from dlbase.cli import app
-from dlbase.config import load_config
-from dlbase.errors import ConfigError
-from dlbase.optim import build_optimizer
-from dlbase.popoptim import PopOptimizer
-from dlbase.population import (bytes_per_member, choose_k, group_by_shape, same_shape, train_population,
+from dlbase.core.config import load_config
+from dlbase.core.errors import ConfigError
+from dlbase.core.optim import build_optimizer
+from dlbase.population.optim import PopOptimizer
+from dlbase.population.train import (bytes_per_member, choose_k, group_by_shape, same_shape, train_population,
                                train_seeds)
-from dlbase.schema import OPTIM_INFO, OptimConfig
-from dlbase.train import train
+from dlbase.core.schema import OPTIM_INFO, OptimConfig
+from dlbase.training.train import train
 
 from conftest import REPO, StopAt
 
@@ -41,9 +41,9 @@ PLOTTING = ("test_member_folders_work_with_eval_export_predict_and_resume",
 @pytest.fixture(autouse=True)
 def no_plots(request, monkeypatch):
     """curves.png and gradnorms.png cost matplotlib ~1.5 s per run folder, both ways (train() and a population
-    call the same dlbase.report.plot_run): drawn only in the test that checks the folder's files."""
+    call the same dlbase.training.report.plot_run): drawn only in the test that checks the folder's files."""
     if request.node.originalname not in PLOTTING:
-        monkeypatch.setattr("dlbase.report.plot_run", lambda folder: [])
+        monkeypatch.setattr("dlbase.training.report.plot_run", lambda folder: [])
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ def test_member_equals_lone_run_for_every_schedule(base):
 def test_member_equals_lone_run_across_models_clip_smoothing_init(base, model):
     """Norms, encodings (learned: trainable, through torch.func), and per member grad clip, label smoothing and
     init: still equal to train() alone."""
-    from dlbase.schema import EncodingConfig
+    from dlbase.core.schema import EncodingConfig
     model = dict(model)
     if "encoding" in model:
         model["encoding"] = EncodingConfig(**model["encoding"])
@@ -287,7 +287,7 @@ def test_sigterm_saves_every_member_mid_epoch_and_each_resumes(base, monkeypatch
     cfgs = [vary(base, "a", top={"seed": 1}, optim={"lr": 0.01}, train={"epochs": 2}),
             vary(base, "b", top={"seed": 2}, optim={"lr": 0.02}, train={"epochs": 2})]
     with monkeypatch.context() as m:
-        m.setattr("dlbase.poptrain.Preemption", StopAt(7))
+        m.setattr("dlbase.population.loop.Preemption", StopAt(7))
         results = train_population(cfgs, log=quiet)
     assert [r.status for r in results] == ["preempted", "preempted"] and results[0].exit_code == 143
     for r in results:
@@ -352,7 +352,7 @@ def test_k_is_bounded_by_memory_and_chunks_agree(base):
     folds = train_population([vary(base, f"f{i}", top={"seed": 4}) for i in range(2)], folds=[(0, 2), (1, 2)],
                              log=quiet)
     assert all(r.status == "finished" for r in folds)
-    from dlbase.data import load_dataset
+    from dlbase.core.data import load_dataset
     data = load_dataset(base.data, 4, torch.device("cpu"), fold=(1, 2))
     assert_same_run(folds[1].folder, train(vary(base, "f1_alone", top={"seed": 4}), dataset=data, log=quiet).folder)
 
@@ -413,7 +413,7 @@ def test_bad_seeds_options_are_one_line(tmp_path, tiny_config, args, words):
 
 def test_a_large_population_summarises_its_folders_and_leaves_plots_on_demand(base):
     """Issue 21 item 15: no 1000-folder line, no minutes of plots."""
-    from dlbase.poptrain import PLOT_MEMBERS
+    from dlbase.population.loop import PLOT_MEMBERS
     cfgs = [vary(base, f"m{i}", top={"seed": i}, optim={"lr": 0.01}, train={"epochs": 1})
             for i in range(PLOT_MEMBERS + 1)]
     lines = []
@@ -430,7 +430,7 @@ def test_a_large_population_summarises_its_folders_and_leaves_plots_on_demand(ba
 def test_a_signal_during_the_plots_stops_them_at_once(base, monkeypatch):
     import os
     import signal
-    from dlbase import report
+    from dlbase.training import report
     drawn = []
 
     def plot_and_signal(folder):
@@ -453,7 +453,7 @@ def _words(line):
 
 
 def test_a_member_says_what_a_lone_run_says_each_epoch(base):
-    """One loop's boundary, once (dlbase/runrecord.py): a member's epoch lines are the lone run's (train loss,
+    """One loop's boundary, once (dlbase/training/runrecord.py): a member's epoch lines are the lone run's (train loss,
     cross-entropy beside label smoothing, validation loss with the gap, accuracy, lr, *best), and the population
     ends with the phases line a single run prints."""
     cfg = vary(base, "said", train={"label_smoothing": 0.1})

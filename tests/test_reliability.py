@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlbase import checkpoint
-from dlbase.config import load_config
-from dlbase.errors import CheckpointError, TrainingDiverged
-from dlbase.train import train
+from dlbase.training import checkpoint
+from dlbase.core.config import load_config
+from dlbase.core.errors import CheckpointError, TrainingDiverged
+from dlbase.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = ["model.dropout=0.2", "schedule.name=cosine", "schedule.warmup_steps=4", "optim.name=adamw",
@@ -219,7 +219,8 @@ def test_tiny_tmpfs_fills_up(tiny_config, tmp_path):
 
 KILLER = """
 import os, sys
-from dlbase import checkpoint, report, rundir
+from dlbase.training import checkpoint, report
+from dlbase.core import rundir
 limit, count, real = int(sys.argv[1]), [0], rundir.write_atomic
 
 def write_then_maybe_die(*args, **kwargs):
@@ -243,7 +244,7 @@ def test_killed_between_any_two_file_writes_resumes_from_the_folder(tiny_config,
     """Stop the process after each of its file writes in turn (and before the first), then
     `dlbase train --resume <folder>`: it always goes on from the newest readable checkpoint, says which, and
     ends bit-identical to the uninterrupted run."""
-    from dlbase.state import configure
+    from dlbase.training.state import configure
     sets = ["train.epochs=2", "checkpoint.every_steps=5", "model.dropout=0.2"]
     ref = train(load_config(tiny_config, sets + [f"checkpoint.dir={tmp_path / 'ref'}"]), log=lambda s: None)
     writes = 0

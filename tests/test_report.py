@@ -9,10 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from dlbase.cli import app
-from dlbase import rundir
-from dlbase.config import load_config
-from dlbase.report import plot_run
-from dlbase.train import train
+from dlbase.core import rundir
+from dlbase.core.config import load_config
+from dlbase.training.report import plot_run
+from dlbase.training.train import train
 
 runner = CliRunner()
 
@@ -51,7 +51,7 @@ def test_eval_report_and_json_confusion(tiny_config, tmp_path):
     assert r.exit_code == 0, r.output
     j = json.loads(r.stdout)
     cm = torch.tensor(j["confusion"])
-    from dlbase.data import load_dataset
+    from dlbase.core.data import load_dataset
     cfg = load_config(tiny_config)
     test_labels = load_dataset(cfg.data, cfg.seed, torch.device("cpu")).test.y
     assert cm.shape == (10, 10)

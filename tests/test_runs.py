@@ -8,13 +8,13 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import StopAt
-from dlbase import train as train_module
+from dlbase.training import train as train_module
 from dlbase.cli import app
-from dlbase.config import load_config
-from dlbase.errors import TrainingDiverged
-from dlbase.evaluate import evaluate_checkpoint
-from dlbase.runs import STATUS_FILE, differing_keys
-from dlbase.train import train
+from dlbase.core.config import load_config
+from dlbase.core.errors import TrainingDiverged
+from dlbase.training.evaluate import evaluate_checkpoint
+from dlbase.tools.runs import STATUS_FILE, differing_keys
+from dlbase.training.train import train
 
 runner = CliRunner()
 

@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from dlbase.cli import app
-from dlbase.config import _all_paths, config_from_dict, load_config, to_dict
-from dlbase.errors import ConfigError
-from dlbase.editorschema import NUMBER_STRING, json_schema
-from dlbase.schema import Config
+from dlbase.core.config import _all_paths, config_from_dict, load_config, to_dict
+from dlbase.core.errors import ConfigError
+from dlbase.core.editorschema import NUMBER_STRING, json_schema
+from dlbase.core.schema import Config
 
 jsonschema = pytest.importorskip("jsonschema")  # a dev dependency; machines without it skip this module
 
@@ -59,7 +59,7 @@ def test_every_shipped_config_passes_the_schema_and_the_loader(path):
     raw = yaml.safe_load(text)
     assert schema_errors(raw) == []
     if "sweep" in raw:  # read by dlbase sweep: the rest is an ordinary config, the section a sweep spec
-        from dlbase.sweep import parse_spec
+        from dlbase.search.sweep import parse_spec
         spec = raw.pop("sweep")
         config_from_dict(raw, str(path))
         parse_spec(spec, str(path), "base_sweep")
@@ -306,7 +306,7 @@ BASE_SWEEP = {"params": {"optim.lr": [0.1, 0.01]}}
 
 def sweep_error(spec) -> str:
     """parse_spec's verdict, with the check `dlbase sweep` makes before any trial: each params key names a key."""
-    from dlbase.sweep import parse_spec
+    from dlbase.search.sweep import parse_spec
     try:
         parse_spec(spec, "<sweep>", "base_sweep")
     except ConfigError as e:
@@ -369,7 +369,7 @@ def test_the_sweep_schema_accepts_exactly_what_dlbase_sweep_accepts(spec):
 
 
 def test_the_sweep_schema_names_what_parse_spec_reads():
-    from dlbase import sweep
+    from dlbase.search import sweep
     sub = SCHEMA["properties"]["sweep"]
     assert sorted(sub["properties"]) == sorted(sweep.SWEEP_KEYS)
     assert tuple(sub["properties"]["params"]["additionalProperties"]["anyOf"][1]["properties"]["distribution"]
@@ -413,7 +413,7 @@ def test_the_documented_differences(doc):
 def test_the_shipped_schema_and_config_validate_agree_on_number_forms(tmp_path, key, text, accepted):
     """The same YAML to jsonschema with configs/dlbase.schema.json (read as an editor reads it, YAML 1.2 numbers)
     and to `dlbase config validate`: both accept, or both refuse."""
-    from dlbase.config import parse_yaml
+    from dlbase.core.config import parse_yaml
     *parents, last = key.split(".")
     yaml_text = "".join(f"{'  ' * i}{p}:\n" for i, p in enumerate(parents)) + f"{'  ' * len(parents)}{last}: {text}\n"
     shipped = jsonschema.Draft7Validator(json.loads((REPO / "configs" / "dlbase.schema.json").read_text()))

@@ -10,12 +10,12 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from dlbase import checkpoint
+from dlbase.training import checkpoint
 from dlbase.cli import app
-from dlbase.config import load_config
-from dlbase.data import fold_indices
-from dlbase.errors import ConfigError
-from dlbase.sweep import parse_spec, sample
+from dlbase.core.config import load_config
+from dlbase.core.data import fold_indices
+from dlbase.core.errors import ConfigError
+from dlbase.search.sweep import parse_spec, sample
 
 runner = CliRunner()
 
@@ -312,7 +312,7 @@ def test_a_read_only_checkpoint_dir_is_one_line_before_any_trial(tmp_path, tiny_
 
 
 def test_every_sweep_file_goes_through_the_atomic_write(tmp_path, tiny_data, monkeypatch):
-    from dlbase import rundir
+    from dlbase.core import rundir
     written, real = [], rundir.write_atomic
 
     def spy(path, data, what="file"):
@@ -368,7 +368,7 @@ def test_a_signal_uses_up_no_retry(tmp_path, tiny_data):
 
 
 def test_a_failed_trial_keeps_its_parameters_in_results_csv(tmp_path):
-    from dlbase.study import Study
+    from dlbase.search.study import Study
     s = parse_spec({"name": "f", "retries": 0, "params": {"optim.lr": [0.01, 0.003]}}, "s.yaml", "x")
     study = Study(s, tmp_path, None, {}, log=lambda line: None)
     trial = study.take()
@@ -449,7 +449,7 @@ def test_spec_entries_that_would_do_nothing_are_refused(params, words):
 def test_a_storage_failing_mid_sweep_is_one_line_naming_it_without_its_password():
     import optuna
 
-    from dlbase.study import StudyError, storage_errors
+    from dlbase.search.study import StudyError, storage_errors
     url = "postgresql://me:secret@db.example/sweeps"
     with pytest.raises(StudyError) as e:
         with storage_errors(url):

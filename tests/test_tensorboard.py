@@ -17,11 +17,11 @@ from tensorboard.plugins.hparams import metadata as hp_metadata  # noqa: E402
 from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
 
 from conftest import StopAt
-from dlbase import checkpoint, train as train_module  # noqa: E402
-from dlbase.config import load_config  # noqa: E402
-from dlbase.evaluate import evaluate_checkpoint  # noqa: E402
-from dlbase.tblog import HPARAMS_FILE, METRICS, STEP_LOSS_TAG  # noqa: E402
-from dlbase.train import train  # noqa: E402
+from dlbase.training import checkpoint, train as train_module  # noqa: E402
+from dlbase.core.config import load_config  # noqa: E402
+from dlbase.training.evaluate import evaluate_checkpoint  # noqa: E402
+from dlbase.training.tblog import HPARAMS_FILE, METRICS, STEP_LOSS_TAG  # noqa: E402
+from dlbase.training.train import train  # noqa: E402
 
 SPE = 10  # tiny_data: 500 training images (100 held out) at batch 50
 EPOCH_TAGS = ("loss/train", "loss/val", "accuracy/val", "lr", "time/epoch_seconds", "norms/grad_norm_1", "epoch")
@@ -218,7 +218,7 @@ def test_a_sweep_winner_s_test_accuracy_reaches_its_hparams_row(tiny_config, tmp
     """Issue 12: the sweep's one test measurement shows in TensorBoard beside the winner's hyperparameters."""
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
-    from dlbase.sweep import load_sweep, run_sweep
+    from dlbase.search.sweep import load_sweep, run_sweep
     base_raw, spec, source = load_sweep(tiny_config, None, ["optim.lr=[0.01,0.001]"], ["train.epochs=1"])
     summary = run_sweep(base_raw, spec, source, ["train.epochs=1"], log=lambda s: None)
     folder = Path(summary["checkpoint"]).parent

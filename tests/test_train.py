@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from dlbase import checkpoint
-from dlbase.config import load_config
-from dlbase.errors import CheckpointError, DataError
-from dlbase.train import train
+from dlbase.training import checkpoint
+from dlbase.core.config import load_config
+from dlbase.core.errors import CheckpointError, DataError
+from dlbase.training.train import train
 
 
 def weights(path):
@@ -161,9 +161,9 @@ def test_early_stop_on_a_real_plateau(tiny_config):
     ["train.label_smoothing=0.1", "model.dropout=0.2"],
 ])
 def test_each_idea_trains_and_evaluates(tiny_config, sets):
-    from dlbase.state import load_for_eval
-    from dlbase.data import load_dataset
-    from dlbase.evaluate import evaluate
+    from dlbase.training.state import load_for_eval
+    from dlbase.core.data import load_dataset
+    from dlbase.training.evaluate import evaluate
     result = train(load_config(tiny_config, ["train.epochs=4"] + sets), log=lambda s: None)
     assert result.best_value >= 0.8, (sets, result.best_value)
     cfg, model, _ = load_for_eval(result.folder / "best.ckpt", torch.device("cpu"))  # rebuilt from the file
@@ -255,9 +255,9 @@ def test_label_smoothing_logs_the_plain_cross_entropy_and_a_like_for_like_gap(ti
     cross-entropy of the model on the training split, computed independently by evaluate()."""
     import torch.nn.functional as F
 
-    from dlbase.data import load_dataset
-    from dlbase.evaluate import evaluate
-    from dlbase.state import load_for_eval
+    from dlbase.core.data import load_dataset
+    from dlbase.training.evaluate import evaluate
+    from dlbase.training.state import load_for_eval
     logs = []
     cfg = load_config(tiny_config, ["train.label_smoothing=0.1", "optim.name=sgd", "optim.lr=1e-12",
                                     "train.batch_size=500", "train.epochs=1"])
@@ -280,8 +280,8 @@ def test_inputs_are_standardised_by_the_model_with_the_training_split_statistics
     """Issue 15: data.normalize: standard (the default) — one mean and one std over all pixels of the training
     split, computed on the device, kept in the model's buffers (so eval, export and predict apply them to pixels
     in [0, 1]); sinusoid encodings still take p in [0, 1]; unit keeps the old inputs."""
-    from dlbase.data import load_dataset
-    from dlbase.state import load_for_eval
+    from dlbase.core.data import load_dataset
+    from dlbase.training.state import load_for_eval
     cfg = load_config(tiny_config, ["train.epochs=1"])
     assert cfg.data.normalize == "standard"
     result = train(cfg, log=lambda s: None)
@@ -298,7 +298,7 @@ def test_inputs_are_standardised_by_the_model_with_the_training_split_statistics
 
 
 def test_a_checkpoint_from_before_data_normalize_loads_as_unit(tiny_config, tmp_path):
-    from dlbase.state import load_for_eval
+    from dlbase.training.state import load_for_eval
     result = train(load_config(tiny_config, ["train.epochs=1", "data.normalize=unit"]), log=lambda s: None)
     payload = checkpoint.load(result.folder / "last.ckpt")
     del payload["config"]["data"]["normalize"]  # as written before the key existed
@@ -317,7 +317,7 @@ def test_a_sigterm_during_the_final_step_leaves_a_finished_run(tiny_config, tmp_
     (its status, step and weights)."""
     import os
     import signal
-    from dlbase.train import Trainer
+    from dlbase.training.train import Trainer
     ref = train(load_config(tiny_config, [f"checkpoint.dir={tmp_path / 'ref'}"]), log=_quiet)
     on_step = Trainer._on_step
 
@@ -338,7 +338,7 @@ def test_a_sigterm_during_the_final_step_leaves_a_finished_run(tiny_config, tmp_
 
 def test_a_mid_epoch_stop_names_the_epoch_it_stopped_in(tiny_config, monkeypatch):
     from conftest import StopAt
-    from dlbase import train as train_module
+    from dlbase.training import train as train_module
     monkeypatch.setattr(train_module, "Preemption", StopAt(15))  # 10 steps and an epoch end, then 4 of epoch 2
     lines: list[str] = []
     run = train(load_config(tiny_config), log=lines.append)

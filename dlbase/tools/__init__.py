@@ -1,0 +1,1 @@
+"""Commands over finished runs: export and the runs listing."""
