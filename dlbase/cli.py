@@ -44,7 +44,9 @@ def train(
     set_: List[str] = typer.Option([], "--set", "-s", help=SET_HELP, show_default=False),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run: its folder (the newest readable "
                                           "checkpoint in it) or a .ckpt file. From an older checkpoint than the "
-                                          "run's newest, the run branches into a new folder.", show_default=False),
+                                          "run's newest, the run branches into a new folder. The folder of a "
+                                          "--seeds member goes on with every member of its population.",
+                                          show_default=False),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Train the config once per seed, together as one "
                                         "population, each in <name>-seed<S>/: a count (5: seeds 0-4) or a list "
                                         "(0,7,42); prints the mean ± sd of the best validation metric.",
@@ -58,6 +60,18 @@ def train(
 
     if seeds is not None or test:
         return _train_seeds(config, set_, resume, seeds, test)
+    if resume is not None and resume.is_dir():
+        from dlbase.core.rundir import quote
+        from dlbase.population.train import population_of, resume_population
+        if population_of(resume) is not None:  # a --seeds member: the whole population goes on, in one step
+            if config is not None:
+                raise DlbaseError(f"--resume {resume}: a population goes on with its members' own configs; "
+                                  f"change keys with --set (or resume one member alone: --resume "
+                                  f"{quote(resume / 'last.ckpt')})")
+            summary = resume_population(resume, set_, log=typer.echo)
+            if summary.exit_code:
+                raise typer.Exit(summary.exit_code)
+            return
     run = configure(config, set_, resume)
     try:
         result = run_training(run.cfg, resume=run.resume, resume_payload=run.payload, folder=run.folder)
@@ -77,8 +91,8 @@ def _train_seeds(config: Optional[Path], sets: List[str], resume: Optional[Path]
         raise DlbaseError("--test goes with --seeds (the test accuracy over seeds); for one run use dlbase eval "
                           "<run>/best.ckpt")
     if resume is not None:
-        raise DlbaseError("--seeds starts new runs; --resume one seed's run on its own: dlbase train --resume "
-                          "<checkpoint.dir>/<name>-seed<S>")
+        raise DlbaseError("--seeds starts new runs; to go on with a --seeds population, resume any member's folder "
+                          "without --seeds: dlbase train --resume <checkpoint.dir>/<name>-seed<S>")
     if config is None:
         raise DlbaseError("--seeds needs --config")
     summary = train_seeds(load_config(config, sets), parse_seeds(seeds), test, log=typer.echo)

@@ -482,3 +482,38 @@ def test_a_member_warns_of_vanishing_gradients_as_a_lone_run_does(base):
     with open(results[0].folder / "metrics.csv") as fh:
         row = list(csv.DictReader(fh))[0]
     assert float(row["grad_norm_1"]) < 1e-3 * float(row["grad_norm_9"])
+
+
+def _weights_and_rows(folder):
+    rows = [",".join(r.split(",")[:5]) for r in (folder / "metrics.csv").read_text().splitlines()]  # no timing
+    return checkpoint.load(folder / "last.ckpt")["model"], rows
+
+
+def test_a_signalled_seeds_population_resumes_with_one_command_as_if_never_stopped(base, tmp_path, monkeypatch):
+    """--seeds 3, SIGTERM in the middle of epoch 2 (every member saved mid-epoch, exit 143, one command to go
+    on), then `dlbase train --resume <any member's folder>`: all three go on together and end with the weights
+    and metrics of the same population trained without a stop (the oracle, in another folder)."""
+    cfg = tmp_path / "pop.yaml"
+    runner = CliRunner()
+    with monkeypatch.context() as m:
+        m.setattr("dlbase.population.loop.Preemption", StopAt(7))
+        stopped = runner.invoke(app, ["train", "--config", str(cfg), "--seeds", "3"])
+    assert stopped.exit_code == 143, stopped.output
+    folders = [tmp_path / "ckpt" / f"p-seed{s}" for s in range(3)]
+    hint = f"dlbase train --resume {folders[0]}"
+    assert hint in stopped.output, stopped.output
+    assert checkpoint.load(folders[2] / "last.ckpt")["in_epoch"]["batch"] >= 1  # mid-epoch: the hard case
+    resumed = runner.invoke(app, ["train", "--resume", str(folders[1])])
+    assert resumed.exit_code == 0, resumed.output
+    assert "3 members" in resumed.output and "3 seeds: best val_accuracy" in resumed.output, resumed.output
+    whole = runner.invoke(app, ["train", "--config", str(cfg), "--seeds", "3", "--set",
+                                f"checkpoint.dir={tmp_path / 'whole'}"])
+    assert whole.exit_code == 0, whole.output
+    for s, folder in enumerate(folders):
+        (w, rows), (w0, rows0) = _weights_and_rows(folder), _weights_and_rows(tmp_path / "whole" / f"p-seed{s}")
+        assert rows == rows0, (rows, rows0)
+        for k in w0:
+            assert torch.equal(w[k], w0[k]), (s, k)
+        assert json.loads((folder / "status.json").read_text())["status"] == "finished"
+    again = runner.invoke(app, ["train", "--resume", str(folders[0])])  # all done: nothing trains
+    assert again.exit_code == 0 and "0 to go on, 3 already done" in again.output, again.output

@@ -28,7 +28,8 @@ from dlbase.population.optim import PopOptimizer
 from dlbase.population.data import PopulationData
 from dlbase.training.phases import Phases
 from dlbase.training.preempt import Preemption
-from dlbase.training.state import Monitor
+from dlbase.core.errors import CheckpointError
+from dlbase.training.state import Monitor, load_model_state
 from dlbase.training.train import RunResult, seed_everything, step_losses
 
 EXIT_DIVERGED = 3  # TrainingDiverged's exit code
@@ -71,7 +72,10 @@ class Population:
     def __init__(self, configs: Sequence[Config], folders: Sequence[Optional[Path]],
                  folds: Sequence[Optional[tuple[int, int]]], data: PopulationData, device: torch.device,
                  run_plan: Plan, log: Callable[[str], None] = print,
-                 on_epoch: Sequence[Optional[Callable[[int, dict], bool]]] = (), phases: Optional[Phases] = None):
+                 on_epoch: Sequence[Optional[Callable[[int, dict], bool]]] = (), phases: Optional[Phases] = None,
+                 resumed: Sequence[tuple[Path, checkpoint.Payload]] = ()):
+        """resumed: each member's (checkpoint path, payload) to go on from, all at one position (train.py's
+        resume_population groups them so), instead of starting; their folders are the checkpoints' own."""
         self.configs, self.data, self.device, self.plan, self.log = list(configs), data, device, run_plan, log
         self.phases = phases or Phases()  # where the time goes, printed as train()'s one line at the end
         cfg = configs[0]
@@ -87,6 +91,8 @@ class Population:
                                   Batcher(idx.shape[0], self.B, device, c.seed), val, Monitor(c, val is not None),
                                   torch.get_rng_state(), Path(), on_epoch[i] if on_epoch else None,
                                   fold=folds[i]))
+            if resumed:
+                self._restore_member(members[-1], *resumed[i])
             train_idx.append(idx)
         sizes = sorted({t.shape[0] for t in train_idx})
         if len(sizes) > 1:
@@ -117,6 +123,8 @@ class Population:
         self.log_every = min(c.train.log_every for c in configs)
         self.epoch = self.step = self.batch = 0
         self.train_seconds = 0.0
+        if resumed:
+            self._restore_position(resumed)
         for m, folder in zip(members, folders):  # last: every check has passed, now claim the folders
             if folder is None:
                 m.folder = rundir.new_run_dir(m.cfg.checkpoint.dir, m.cfg.name)
@@ -124,6 +132,43 @@ class Population:
                 m.folder = Path(folder)
                 rundir.check_writable(m.folder)
                 rundir.claim_existing(m.folder)
+
+    # ------------------------------------------------------------------ restore
+    def _restore_member(self, m: Member, path: Path, payload: checkpoint.Payload) -> None:
+        """Member m's weights (before they are stacked), monitor, data order and rows from its checkpoint."""
+        if tuple(payload["input_shape"]) != self.data.input_shape:
+            raise CheckpointError(f"{path}: trained on {tuple(payload['input_shape'])} images, the data now is "
+                                  f"{self.data.input_shape}")
+        load_model_state(m.model, payload["model"], path)
+        m.monitor = Monitor(m.cfg, m.val is not None, payload["best"])
+        rng = payload["rng"]
+        m.batcher.generator.set_state(rng["batcher"])  # mid-epoch: the state before the epoch drew its order
+        m.torch_rng = rng["torch"]
+        m.epoch_rng = rng["batcher"] if payload.get("in_epoch") else None
+        m.epochs_done, m.steps_done = payload["epoch"], payload["step"]
+        m.rows = rundir.read_metrics(path.parent / "metrics.csv", payload["epoch"])
+        saved = payload["metrics"]
+        if "lr" in saved and (not m.rows or int(m.rows[-1]["epoch"]) < payload["epoch"]):
+            m.rows.append(rundir.metrics_row(payload["epoch"], payload["step"], saved))  # killed before metrics.csv
+
+    def _restore_position(self, resumed: Sequence[tuple[Path, checkpoint.Payload]]) -> None:
+        """The population's position, each member's optimiser state and partial-epoch loss sums."""
+        path, first = resumed[0]
+        in_epoch = first.get("in_epoch") or {}
+        if first["steps_per_epoch"] != self.steps_per_epoch:
+            raise CheckpointError(f"{path}: saved with {first['steps_per_epoch']} steps per epoch; the config now "
+                                  f"makes {self.steps_per_epoch} (train.batch_size or the data changed); a population "
+                                  f"resumes with its own settings (resume a member alone to change them)")
+        self.epoch, self.step, self.batch = first["epoch"], first["step"], int(in_epoch.get("batch", 0))
+        self.opt.restart_at(self.step)
+        for k, (p, payload) in enumerate(resumed):
+            self.opt.load_member_state(k, payload["optimizer"], p)
+            ie = payload.get("in_epoch") or {}
+            self.loss_sum[k] = float(ie.get("loss_sum", 0.0))
+            self.ce_sum[k] = float(ie.get("ce_sum", 0.0))
+        self._start_sums = self.loss_sum.tolist()  # the TensorBoard points of the epoch in progress start here
+
+    _start_sums: Optional[list] = None
 
     def _say(self, m: Member, line: str) -> None:
         self.log(f"[{m.cfg.name}] {line}")
@@ -141,7 +186,7 @@ class Population:
                 rundir.write_atomic(m.folder / "config.yaml", to_yaml(m.cfg), "config.yaml")
                 if m.cfg.train.tensorboard:
                     from dlbase.training.tblog import open_events
-                    m.events = open_events(m.folder, m.cfg, 0, self.log)
+                    m.events = open_events(m.folder, m.cfg, self.step, self.log)
             with Preemption() as self.preempt:
                 while self.step < self.total_steps and self.members:
                     if self._train_epoch():
@@ -253,8 +298,9 @@ class Population:
             if m.events is not None:
                 mine = self._was.index(m)
                 own = [row[mine] for row in _rows(snaps, len(self._was))]
+                start = self._start_sums[self.all.index(m)] if self._start_sums else 0.0
                 m.events.epoch(self.epoch, self.step, metrics, step_losses(
-                    self._snap_steps, own, 0.0, self._snap_from, self.B, self.n_used,
+                    self._snap_steps, own, start, self._snap_from, self.B, self.n_used,
                     end=(self.step, read[mine])))
             self._say(m, runrecord.epoch_line(self.epoch, self._epochs_planned(), metrics, improved))
             warning = runrecord.vanishing_warning(norms)
@@ -269,6 +315,7 @@ class Population:
             elif m.on_epoch is not None and self.step < self.total_steps and m.on_epoch(self.epoch, metrics):
                 self._say(m, runrecord.pruned_line(self.epoch))
                 m.status = "pruned"
+        self._start_sums = None  # only the first epoch after a mid-epoch resume starts from a saved sum
         self._drop()
 
     # ------------------------------------------------------------------ members leaving

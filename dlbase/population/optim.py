@@ -134,6 +134,26 @@ class PopOptimizer:
         self.hp = {n: v.index_select(0, idx) for n, v in self.hp.items()}
         self.state = {key: [s.index_select(0, idx) for s in states] for key, states in self.state.items()}
 
+    @torch.no_grad()
+    def restart_at(self, step: int) -> None:
+        """Go on from a checkpoint taken after `step` steps: the step count and the lr table's index."""
+        self.t.fill_(step)
+        self.t_idx.fill_(step)
+
+    @torch.no_grad()
+    def load_member_state(self, k: int, saved: dict, path=None) -> None:
+        """Member k's state from its torch optimiser's state_dict (what torch_state_dict wrote): each parameter's
+        tensors under torch's keys, in the stacked order. No state (a checkpoint before the first step): zeros."""
+        from dlbase.core.errors import CheckpointError
+        state = saved.get("state", {}) if isinstance(saved, dict) else {}
+        for i in range(len(self.params)):
+            st = state.get(i, {})
+            for key in self.info.state_keys:
+                if key not in st and st:
+                    raise CheckpointError(f"{path}: optimizer state has no {key!r} for optim.name={self.name}")
+                if key in st:
+                    self.state[key][i][k].copy_(st[key].to(self.state[key][i].device, self.state[key][i].dtype))
+
     def member_state(self, k: int) -> list[dict]:
         """Member k's state per parameter with torch's keys and types (CPU tensors, step a float32 scalar), to
         load into its torch optimiser. note: device-to-host copies (a sync), only at a checkpoint."""

@@ -20,7 +20,6 @@ from dlbase.core.schema import OPTIM_INFO
 from dlbase.population.stacked import activation_bytes_per_member, state_bytes_per_member
 from dlbase.population.data import PopulationData, load_population_data  # noqa: F401 - the entry points' names
 from dlbase.population.loop import MemberResult, Population
-from dlbase.core.rundir import folder_list
 
 # The keys that must agree for configs to share one stacked model and one step (dotted, as in a config file).
 # Everything else (lr and schedule, weight decay, momentum, betas, eps, alpha, rho, dropout, label smoothing,
@@ -123,12 +122,15 @@ def choose_k(cfg: Config, device: torch.device, max_members: Optional[int] = Non
 def train_population(configs: Sequence[Config], folders: Optional[Sequence[Optional[Path]]] = None,
                      folds: Optional[Sequence[Optional[tuple[int, int]]]] = None, log: Callable[[str], None] = print,
                      on_epoch: Optional[Sequence[Optional[Callable[[int, dict], bool]]]] = None,
-                     max_members: Optional[int] = None, data: Optional[PopulationData] = None) -> list[MemberResult]:
+                     max_members: Optional[int] = None, data: Optional[PopulationData] = None,
+                     record: Optional[dict] = None) -> list[MemberResult]:
     """Train configs of one shape (same_shape) as populations of at most choose_k members (or max_members), in
     order; returns one result per config, in the configs' order. folders: each member's run folder (None: a new
     <checkpoint.dir>/<name>[-N]); folds: each member's (fold, folds) of k-fold cross-validation (None: its
     data.val_size split); on_epoch: per member, as train()'s: (epoch, metrics) -> True to prune it; data: the
-    dataset already on the device (load_population_data), shared by several calls."""
+    dataset already on the device (load_population_data), shared by several calls; record: what
+    `dlbase train --resume` needs to go on with the whole population (train_seeds' {"test": ...}), written into
+    each member's folder as population.json."""
     from dlbase.training.engine import plan_run, resolve_device
     from dlbase.training.phases import Phases
     check_population(configs, folds, folders)
@@ -151,6 +153,8 @@ def train_population(configs: Sequence[Config], folders: Optional[Sequence[Optio
             pop = Population([configs[i] for i in idx], [pick(folders, i) for i in idx],
                              [pick(folds, i) for i in idx], data, device, run_plan, log,
                              [pick(on_epoch, i) for i in idx], phases)
+        if record is not None:
+            write_record([m.folder for m in pop.all], record)
         results += pop.fit()
         if any(r.status == "preempted" for r in results):
             break  # a signal stops the whole call: later chunks have not started
@@ -225,15 +229,18 @@ def train_seeds(cfg: Config, seeds: Sequence[int], test: bool = False, log: Call
     """Train cfg once per seed as one population (each seed its own run folder <name>-seed<s>), then print the
     mean ± standard deviation of the best validation metric and, with test, of each best.ckpt's test accuracy."""
     configs = seed_configs(cfg, seeds)
-    results = train_population(configs, log=log, max_members=max_members)
+    results = train_population(configs, log=log, max_members=max_members, record={"test": test})
+    return summarise(results, test, log)
+
+
+def summarise(results: list[MemberResult], test: bool, log: Callable[[str], None]) -> SeedSummary:
+    """The seeds' summary lines (or, after a signal, how to go on), as train_seeds prints them."""
     stopped = [r for r in results if r.status == "preempted"]
     if stopped:  # every seed that started is saved; the summary would be of unfinished runs
         from dlbase.core.rundir import quote
-        log(f"stopped by a signal: {len(stopped)} of {len(results)} seed runs saved mid-way; go on with each:")
-        for r in stopped[:8]:
-            log(f"  dlbase train --resume {quote(r.folder)}")
-        if len(stopped) > 8:
-            log(f"  ... and {len(stopped) - 8} more: {folder_list([r.folder for r in stopped])}")
+        log(f"stopped by a signal: {len(stopped)} of {len(results)} seed runs saved mid-way; go on with all of "
+            f"them (each exactly where it stopped):")
+        log(f"  dlbase train --resume {quote(stopped[0].folder)}")
         return SeedSummary(results, results[0].best_metric, math.nan, None, [], exit_code=stopped[0].exit_code)
     done = [r for r in results if r.status not in ("diverged",) and math.isfinite(r.best_value)]
     if not done:
@@ -256,3 +263,92 @@ def test_accuracy(folder: Path) -> float:
     from dlbase.training.evaluate import evaluate_checkpoint
     ckpt = folder / "best.ckpt" if (folder / "best.ckpt").exists() else folder / "last.ckpt"
     return float(evaluate_checkpoint(ckpt, "test")["accuracy"])
+
+
+# ----------------------------------------------------------------------------- resuming a whole population
+POPULATION_FILE = "population.json"  # in each member's folder: the members that trained together, by folder name
+
+
+def write_record(folders: Sequence[Path], record: dict) -> None:
+    """population.json in each member folder: the population's member folders (by name, beside each other; by
+    path otherwise) and what its command asked for (--test)."""
+    import json
+    from dlbase.core.rundir import write_atomic
+    parents = {f.parent for f in folders}
+    names = [f.name if len(parents) == 1 else str(f) for f in folders]
+    for f in folders:
+        write_atomic(f / POPULATION_FILE, json.dumps({"members": names, **record}), POPULATION_FILE)
+
+
+def population_of(folder: Path) -> Optional[list[Path]]:
+    """The member folders of the population folder trained in (its population.json), or None when it trained
+    alone or the record is unreadable (then it resumes alone, as any run)."""
+    import json
+    try:
+        record = json.loads((folder / POPULATION_FILE).read_text())
+        members = [folder.parent / m if "/" not in m else Path(m) for m in record["members"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return members if len(members) > 1 and all(isinstance(m, Path) for m in members) else None
+
+
+def resume_population(folder: Path, sets: Sequence[str] = (), log: Callable[[str], None] = print) -> SeedSummary:
+    """`dlbase train --resume <member folder>` of a --seeds population: every member goes on from its newest
+    checkpoint, those at one position together as one population (a signal saves them all at one step), the
+    ones already done (finished, early-stopped, diverged) as they are; then the seeds' summary."""
+    import json
+    from dlbase.training.checkpoint import fold_of, newest
+    from dlbase.training.engine import plan_run, resolve_device
+    from dlbase.training.state import stored_config
+    members = population_of(folder)
+    record = json.loads((folder / POPULATION_FILE).read_text())
+    todo, results = [], {}
+    for f in members:
+        ckpt, payload = newest(f)  # CheckpointError (one line) when a member has no readable checkpoint
+        cfg = stored_config(payload, ckpt, sets)
+        spe = payload["steps_per_epoch"]
+        total = cfg.train.max_steps or cfg.train.epochs * spe
+        status = _status(f)
+        if payload["step"] >= total or status in ("early_stopped", "pruned", "diverged"):
+            results[f] = _done_result(f, payload, status or "finished")
+        else:
+            todo.append((f, ckpt, payload, cfg))
+    log(f"resuming the population of {len(members)} members in {members[0].parent}: {len(todo)} to go on, "
+        f"{len(results)} already done")
+    groups: dict = {}
+    for item in todo:
+        f, ckpt, payload, cfg = item
+        position = (payload["epoch"], payload["step"], (payload.get("in_epoch") or {}).get("batch", 0))
+        key = next((k for k in groups if k[0] == position and not same_shape(groups[k][0][3], cfg)), None)
+        groups.setdefault(key or (position, len(groups)), []).append(item)
+    for (position, _), group in groups.items():
+        configs = [cfg for _, _, _, cfg in group]
+        device = resolve_device(configs[0].device)
+        run_plan = plan_run(configs[0], device)
+        data = load_population_data(configs[0], device, run_plan.data_dtype)
+        log(f"population: {len(group)} members at epoch {position[0]}, step {position[1]}: going on")
+        pop = Population(configs, [f for f, _, _, _ in group], [fold_of(p) for _, _, p, _ in group], data, device,
+                         run_plan, log, resumed=[(ckpt, p) for _, ckpt, p, _ in group])
+        for (f, _, _, _), r in zip(group, pop.fit()):
+            results[f] = r
+        if any(r.status == "preempted" for r in results.values()):
+            break
+    ordered = [results[f] for f in members if f in results]
+    return summarise(ordered, bool(record.get("test")), log)
+
+
+def _status(folder: Path) -> Optional[str]:
+    import json
+    try:
+        return json.loads((folder / "status.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _done_result(folder: Path, payload, status: str) -> MemberResult:
+    """A member that needs no more training, as its files tell it."""
+    from dlbase.core.rundir import read_metrics
+    best = payload["best"]
+    rows = read_metrics(folder / "metrics.csv", payload["epoch"])
+    return MemberResult(folder, payload["epoch"], best["metric"], best["value"], best["epoch"],
+                        rows[-1] if rows else {}, 0.0, status, 0)
