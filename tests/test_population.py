@@ -97,15 +97,17 @@ def alone(cfg):
 # ----------------------------------------------------------------------------- members equal lone runs
 
 
+@pytest.mark.parametrize("stepper", ["stacked", "vmap"])
 @pytest.mark.parametrize("optim", list(OPTIM_INFO))
-def test_member_equals_lone_run_for_every_optimiser(base, optim):
-    """Two members with their own seed, lr, weight decay and optimiser constants; each equals train() alone."""
+def test_member_equals_lone_run_for_every_optimiser(base, optim, stepper):
+    """Two members with their own seed, lr, weight decay and optimiser constants; each equals train() alone,
+    through the hand-stacked MLP and through torch.func's vmap alike."""
     lr = OPTIM_INFO[optim].default_lr
     cfgs = [vary(base, "a", top={"seed": 1}, optim={"name": optim, "lr": lr, "weight_decay": 0.0}),
             vary(base, "b", top={"seed": 2}, optim={"name": optim, "lr": lr * 3, "weight_decay": 0.01,
                                                     "momentum": 0.8, "betas": (0.8, 0.99), "eps": 1e-6,
                                                     "alpha": 0.9, "rho": 0.8})]
-    results = train_population(cfgs, log=quiet)
+    results = train_population(cfgs, log=quiet, stepper=stepper)
     assert [r.status for r in results] == ["finished", "finished"]
     for cfg, r in zip(cfgs, results):
         assert_same_run(r.folder, alone(cfg))
@@ -122,10 +124,11 @@ def test_member_equals_lone_run_for_every_schedule(base):
         assert_same_run(r.folder, alone(cfg))
 
 
+@pytest.mark.parametrize("stepper", ["stacked", "vmap"])
 @pytest.mark.parametrize("model", [{"norm": "batch"}, {"norm": "layer", "activation": "tanh"},
                                    {"encoding": {"name": "learned", "num_freqs": 2}},
                                    {"encoding": {"name": "fourier", "num_freqs": 2}}])
-def test_member_equals_lone_run_across_models_clip_smoothing_init(base, model):
+def test_member_equals_lone_run_across_models_clip_smoothing_init(base, model, stepper):
     """Norms, encodings (learned: trainable, through torch.func), and per member grad clip, label smoothing and
     init: still equal to train() alone."""
     from dlbase.core.schema import EncodingConfig
@@ -137,7 +140,7 @@ def test_member_equals_lone_run_across_models_clip_smoothing_init(base, model):
     shared = vary(base, "x", model=model, optim={"name": "adam", "lr": 0.003})
     cfgs = [vary(shared, "a", top={"seed": 3}, train={"grad_clip": 0.05}),
             vary(shared, "b", top={"seed": 4}, train={"label_smoothing": 0.1}, model={"init": "xavier_uniform"})]
-    results = train_population(cfgs, log=quiet)
+    results = train_population(cfgs, log=quiet, stepper=stepper)
     for cfg, r in zip(cfgs, results):
         assert losses(r.folder)[-1] < losses(r.folder)[0]  # it learns (a diverging run would hide differences)
         assert_same_run(r.folder, alone(cfg))
@@ -367,7 +370,8 @@ def test_population_bench_runs_tiny(tiny_data, tmp_path):
     out = json.loads((tmp_path / "bench.json").read_text())
     assert out["members"] == 2 and out["sequential_s"] > 0 and out["population_s"] > 0
     assert out["ratio"] == pytest.approx(out["sequential_s"] / out["population_s"])
-    assert out["forward"]["baddbmm_ms"] > 0 and out["forward"]["vmap_ms"] > 0
+    assert out["forward"]["baddbmm_ms"] > 0 and out["forward"]["vmap_ms"] > 0 and out["population_vmap_s"] > 0
+    assert "torch.func vmap" in r.stdout
     assert "ratio" in r.stdout
 
 
@@ -517,3 +521,38 @@ def test_a_signalled_seeds_population_resumes_with_one_command_as_if_never_stopp
         assert json.loads((folder / "status.json").read_text())["status"] == "finished"
     again = runner.invoke(app, ["train", "--resume", str(folders[0])])  # all done: nothing trains
     assert again.exit_code == 0 and "0 to go on, 3 already done" in again.output, again.output
+
+
+def test_the_vmap_stepper_takes_any_module_and_refuses_per_member_dropout(base):
+    """torch.func's stepper stacks what build_model gives, so a population of another model family needs no
+    code of its own; one dropout rate per population there (the hand-stacked MLP takes one per member)."""
+    from dlbase.population.loop import stack_members
+    from dlbase.population.vmapped import VmappedModel
+
+    class Tiny(torch.nn.Module):  # not an MLP: a model family the hand-stacked path knows nothing of
+        def __init__(self):
+            super().__init__()
+            self.encoding = torch.nn.Identity()
+            self.encoding.out_features = 12
+            self.conv = torch.nn.Conv1d(1, 2, 3)
+            self.out = torch.nn.Linear(2 * 10, 10)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.conv(x.unsqueeze(1))).flatten(1))
+
+    torch.manual_seed(0)
+    models = [Tiny() for _ in range(3)]
+    net = stack_members(models, [base.model] * 3)
+    assert isinstance(net, VmappedModel)
+    x = torch.randn(3, 5, 12)
+    out = net.forward(x)
+    for k, m in enumerate(models):  # oracle: each module's own forward on its own batch
+        torch.testing.assert_close(out[k], m(x[k]))
+    out.sum().backward()
+    alone = models[1]
+    alone(x[1]).sum().backward()
+    torch.testing.assert_close(net.params[0].grad[1], alone.conv.weight.grad)
+    with pytest.raises(ConfigError, match="model.dropout"):
+        VmappedModel(models[:2], [base.model, dataclasses.replace(base.model, dropout=0.5)])
+    with pytest.raises(ConfigError, match="needs 'vmap'"):
+        stack_members(models, [base.model] * 3, "stacked")

@@ -36,6 +36,9 @@ class MLP(nn.Module):
         super().__init__()
         self.encoding = build_encoding(cfg.encoding, in_features, standardize)
         layers: list[nn.Module] = []
+        # the parameters whose gradient is exactly zero (zero_grad_before_batch_norm): a stacked population of
+        # this model gives its own stacked copies the same exact zero
+        self.exact_zero_grad: list[str] = []
         width = self.encoding.out_features
         for h in cfg.hidden:
             layers.append(nn.Linear(width, h))
@@ -44,6 +47,7 @@ class MLP(nn.Module):
                 layers.append(norm)
             if cfg.norm == "batch":
                 zero_grad_before_batch_norm(layers[-2].bias)
+                self.exact_zero_grad.append(f"net.{len(layers) - 2}.bias")
             layers.append(ACTIVATIONS[cfg.activation]())
             if cfg.dropout > 0:
                 layers.append(nn.Dropout(cfg.dropout))

@@ -24,6 +24,7 @@ from dlbase.core.loss import build_eval_loss
 from dlbase.core.model import MLP, build_model, standardizes
 from dlbase.core.optim import build_optimizer, build_schedule
 from dlbase.population.stacked import StackedMLP, activation_bytes_per_member, clip_grad_norms, member_losses
+from dlbase.population.vmapped import VmappedModel
 from dlbase.population.optim import PopOptimizer
 from dlbase.population.data import PopulationData
 from dlbase.training.phases import Phases
@@ -33,6 +34,23 @@ from dlbase.training.state import Monitor, load_model_state
 from dlbase.training.train import RunResult, seed_everything, step_losses
 
 EXIT_DIVERGED = 3  # TrainingDiverged's exit code
+# how a population's members are stacked: the hand-stacked MLP (torch.baddbmm; stacked.py), or any model through
+# torch.func (vmapped.py); auto takes the hand-stacked one for MLPs, where scripts/population_bench.py measured
+# it faster (BENCHMARKS.md), and torch.func for every other model
+STEPPERS = ("auto", "stacked", "vmap")
+
+
+def stack_members(models: Sequence[torch.nn.Module], cfgs: Sequence, stepper: str = "auto"):
+    """The members' models as one stacked model (StackedMLP or VmappedModel: one interface)."""
+    from dlbase.core.errors import ConfigError
+    if stepper not in STEPPERS:
+        raise ConfigError(f"population stepper {stepper!r} is not one of {', '.join(STEPPERS)}")
+    mlp = all(type(m) is MLP for m in models)
+    if stepper == "stacked" and not mlp:
+        raise ConfigError("population stepper 'stacked' is the hand-stacked MLP; this model needs 'vmap' (or auto)")
+    if stepper == "vmap" or (stepper == "auto" and not mlp):
+        return VmappedModel(models, cfgs)
+    return StackedMLP(models, cfgs)
 
 
 @dataclass
@@ -73,9 +91,10 @@ class Population:
                  folds: Sequence[Optional[tuple[int, int]]], data: PopulationData, device: torch.device,
                  run_plan: Plan, log: Callable[[str], None] = print,
                  on_epoch: Sequence[Optional[Callable[[int, dict], bool]]] = (), phases: Optional[Phases] = None,
-                 resumed: Sequence[tuple[Path, checkpoint.Payload]] = ()):
+                 resumed: Sequence[tuple[Path, checkpoint.Payload]] = (), stepper: str = "auto"):
         """resumed: each member's (checkpoint path, payload) to go on from, all at one position (train.py's
-        resume_population groups them so), instead of starting; their folders are the checkpoints' own."""
+        resume_population groups them so), instead of starting; their folders are the checkpoints' own.
+        stepper: how the members are stacked (STEPPERS; stack_members)."""
         self.configs, self.data, self.device, self.plan, self.log = list(configs), data, device, run_plan, log
         self.phases = phases or Phases()  # where the time goes, printed as train()'s one line at the end
         cfg = configs[0]
@@ -108,7 +127,7 @@ class Population:
         self.members = members  # the members still training, in the order of the stacked axis
         self.all = list(members)
         self.train_idx = torch.stack(train_idx)  # (K, N) each member's training samples, indices into data.x
-        self.net = StackedMLP([m.model for m in members], [c.model for c in configs])
+        self.net = stack_members([m.model for m in members], [c.model for c in configs], stepper)
         lr_table = torch.tensor([s.table() for s in self.schedules], dtype=torch.float64, device=device)  # (K, T)
         self.opt = PopOptimizer(self.net.params, [c.optim for c in configs], lr_table)
         smooth = [c.train.label_smoothing for c in configs]

@@ -39,14 +39,14 @@ class StackedMLP:
         self.act = ACTIVATIONS[cfg.activation]()
         self.dropout = any(c.dropout > 0 for c in cfgs)  # host-known: only then are masks drawn
         self.p_drop = torch.tensor([c.dropout for c in cfgs], device=self.params[0].device)  # (K,)
+        names = [n for n, _ in first.named_parameters()]
+        self.exact_zero_grad = [names.index(n) for n in first.exact_zero_grad]  # indices into params
         self._hook_batch_norm_biases()
 
     def _hook_batch_norm_biases(self) -> None:
         """As MLP does: the stacked bias of each Linear before a batch norm gets an exact zero gradient."""
-        if self.cfg.norm == "batch":
-            per_layer = 4  # weight, bias, norm weight, norm bias
-            for i in range(len(self.cfg.hidden)):
-                zero_grad_before_batch_norm(self.params[len(self.enc_params) + per_layer * i + 1])
+        for i in self.exact_zero_grad:
+            zero_grad_before_batch_norm(self.params[i])
 
     # ---- forward
     def _encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -123,14 +123,14 @@ def train_population(configs: Sequence[Config], folders: Optional[Sequence[Optio
                      folds: Optional[Sequence[Optional[tuple[int, int]]]] = None, log: Callable[[str], None] = print,
                      on_epoch: Optional[Sequence[Optional[Callable[[int, dict], bool]]]] = None,
                      max_members: Optional[int] = None, data: Optional[PopulationData] = None,
-                     record: Optional[dict] = None) -> list[MemberResult]:
+                     record: Optional[dict] = None, stepper: str = "auto") -> list[MemberResult]:
     """Train configs of one shape (same_shape) as populations of at most choose_k members (or max_members), in
     order; returns one result per config, in the configs' order. folders: each member's run folder (None: a new
     <checkpoint.dir>/<name>[-N]); folds: each member's (fold, folds) of k-fold cross-validation (None: its
     data.val_size split); on_epoch: per member, as train()'s: (epoch, metrics) -> True to prune it; data: the
     dataset already on the device (load_population_data), shared by several calls; record: what
     `dlbase train --resume` needs to go on with the whole population (train_seeds' {"test": ...}), written into
-    each member's folder as population.json."""
+    each member's folder as population.json; stepper: how members are stacked (loop.STEPPERS)."""
     from dlbase.training.engine import plan_run, resolve_device
     from dlbase.training.phases import Phases
     check_population(configs, folds, folders)
@@ -152,7 +152,7 @@ def train_population(configs: Sequence[Config], folders: Optional[Sequence[Optio
         with phases("set-up"):
             pop = Population([configs[i] for i in idx], [pick(folders, i) for i in idx],
                              [pick(folds, i) for i in idx], data, device, run_plan, log,
-                             [pick(on_epoch, i) for i in idx], phases)
+                             [pick(on_epoch, i) for i in idx], phases, stepper=stepper)
         if record is not None:
             write_record([m.folder for m in pop.all], record)
         results += pop.fit()

@@ -1,0 +1,74 @@
+"""K members of any model `build_model` makes, stacked with torch.func: `stack_module_state` gives every parameter
+and buffer a leading member axis (K, ...), and one `vmap` of `functional_call` runs all K members' forwards as
+one batched computation. The same interface as the hand-stacked MLP (stacked.py), so the population's loop,
+its losses, clipping and stacked optimisers (optim.py) take either; population_bench.py measures the two.
+
+Batch norm's running statistics are buffers with the member axis, updated in place under vmap as each member's
+own; dropout draws each member's own masks (vmap's randomness="different"), at one rate for all members (a
+rate per member needs the hand-stacked MLP).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from dlbase.core.errors import ConfigError
+from dlbase.core.model import zero_grad_before_batch_norm
+from dlbase.core.schema import ModelConfig
+
+
+class VmappedModel:
+    """params[i]: (K, *shape) leaf tensors in model.parameters() order; buffers[j] likewise, model.buffers()."""
+
+    def __init__(self, models: Sequence[nn.Module], cfgs: Sequence[ModelConfig]):
+        rates = sorted({c.dropout for c in cfgs})
+        if len(rates) > 1:
+            raise ConfigError(f"model.dropout: the members ask for {rates}; a population of this model trains one "
+                              f"rate (per-member rates: the stacked MLP)")
+        first = models[0]
+        params, buffers = torch.func.stack_module_state(list(models))  # leaves, (K, ...) each
+        self.names, self.buffer_names = list(params), list(buffers)
+        self.params, self.buffers = list(params.values()), list(buffers.values())
+        self.K = len(models)
+        self.template = copy.deepcopy(first).to("meta")  # its structure only: functional_call brings the tensors
+        self.encoding = first.encoding  # what the loop reads of it (out_features)
+        names = [n for n, _ in first.named_parameters()]
+        self.exact_zero_grad = [names.index(n) for n in getattr(first, "exact_zero_grad", ())]
+        self._hook_exact_zeros()
+
+    def _hook_exact_zeros(self) -> None:
+        for i in self.exact_zero_grad:
+            zero_grad_before_batch_norm(self.params[i])
+
+    def forward(self, x: torch.Tensor, training: bool = True) -> torch.Tensor:
+        """x (K, B, ...) -> logits (K, B, C): member k's forward with its own tensors on its own batch x[k]."""
+        self.template.train(training)
+
+        def one(params: dict, buffers: dict, xk: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(self.template, (params, buffers), (xk,))
+        return torch.func.vmap(one, randomness="different")(dict(zip(self.names, self.params)),
+                                                            dict(zip(self.buffer_names, self.buffers)), x)
+
+    @torch.no_grad()
+    def to_member(self, k: int, model: nn.Module, grads: bool = True) -> None:
+        """Copy member k's weights, buffers (and last gradients) into its own model (same parameter order)."""
+        for tp, sp in zip(model.parameters(), self.params):
+            tp.copy_(sp[k])
+            if grads:
+                tp.grad = sp.grad[k].clone() if sp.grad is not None else None
+        for tb, sb in zip(model.buffers(), self.buffers):
+            tb.copy_(sb[k])
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep only members idx ((K',) long): new leaf tensors, cut along the member axis."""
+        self.params = [p.detach().index_select(0, idx).requires_grad_() for p in self.params]
+        self.buffers = [b.index_select(0, idx) for b in self.buffers]
+        self.K = idx.shape[0]
+        self._hook_exact_zeros()
+
+    def nbytes(self) -> int:
+        """Bytes of the stacked parameters and buffers (all members)."""
+        return sum(t.numel() * t.element_size() for t in (*self.params, *self.buffers))
