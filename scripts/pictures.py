@@ -1,4 +1,4 @@
-"""The README's pictures, from real MNIST runs: docs/curves.png, docs/gradnorms_deep_sigmoid.png,
+"""The pictures of README.md and docs/INSIDE.md, from real MNIST runs: docs/curves.png, docs/gradnorms_deep_sigmoid.png,
 docs/gradnorms_deep_relu.png, docs/confusion.png, docs/mistakes.png.
 
     python scripts/pictures.py            # about two minutes on a 2-core CPU

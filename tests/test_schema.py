@@ -396,7 +396,7 @@ def test_a_sweep_section_is_for_dlbase_sweep_only():
     {"sweep": {"params": {"optim.lr": [True, 1]}}},  # JSON tells true from 1; Optuna's choices (Python ==) do not
 ])
 def test_the_documented_differences(doc):
-    """The schema accepts these and the loader refuses them: if one goes away, drop it here and in the README."""
+    """The schema accepts these and the loader refuses them: if one goes away, drop it here and in docs/CONFIGURATION.md (Editors)."""
     assert schema_errors(doc) == []
     if "sweep" in doc:
         assert sweep_error(doc["sweep"])
