@@ -34,9 +34,10 @@ from dlbase.training.state import Monitor, load_model_state
 from dlbase.training.train import RunResult, seed_everything, step_losses
 
 EXIT_DIVERGED = 3  # TrainingDiverged's exit code
-# how a population's members are stacked: the hand-stacked MLP (torch.baddbmm; stacked.py), or any model through
-# torch.func (vmapped.py); auto takes the hand-stacked one for MLPs, where scripts/population_bench.py measured
-# it faster (BENCHMARKS.md), and torch.func for every other model
+# how a population's members are stacked: torch.func over whatever build_model makes (vmapped.py), or the
+# hand-stacked MLP (torch.baddbmm; stacked.py). scripts/population_bench.py measured them equal on this CPU
+# (BENCHMARKS.md), so auto takes torch.func, which takes any model, and the hand-stacked MLP only for what it
+# alone can do: a dropout rate per member. (On a GPU: not measured yet.)
 STEPPERS = ("auto", "stacked", "vmap")
 
 
@@ -48,9 +49,9 @@ def stack_members(models: Sequence[torch.nn.Module], cfgs: Sequence, stepper: st
     mlp = all(type(m) is MLP for m in models)
     if stepper == "stacked" and not mlp:
         raise ConfigError("population stepper 'stacked' is the hand-stacked MLP; this model needs 'vmap' (or auto)")
-    if stepper == "vmap" or (stepper == "auto" and not mlp):
-        return VmappedModel(models, cfgs)
-    return StackedMLP(models, cfgs)
+    if stepper == "auto":
+        stepper = "stacked" if mlp and len({c.dropout for c in cfgs}) > 1 else "vmap"
+    return VmappedModel(models, cfgs) if stepper == "vmap" else StackedMLP(models, cfgs)
 
 
 @dataclass
