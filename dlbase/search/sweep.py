@@ -60,7 +60,7 @@ class Sweep:
 
     def _check_equal_folds(self) -> None:
         """A population trains members on one training-set size: folds that cut n unevenly cannot share one."""
-        from dlbase.core.data import training_size
+        from dlbase.core.idx import training_size
         k = self.spec.cv_folds
         for cfg in [self.base, *self.configs]:
             n = training_size(cfg.data)
