@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dlbase.core.config import load_config  # noqa: E402
-from dlbase.core.data import SPLIT_FILES, Batcher, find_split, load_dataset, locate  # noqa: E402
+from dlbase.core.data import Batcher, load_dataset  # noqa: E402
+from dlbase.core.idx import SPLIT_FILES, find_split, locate  # noqa: E402
 from dlbase.training.engine import Engine, Plan, reasons, set_matmul_precision  # noqa: E402
 from dlbase.core.loss import build_loss  # noqa: E402
 from dlbase.core.model import MLP  # noqa: E402

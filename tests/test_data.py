@@ -7,7 +7,8 @@ import torch
 
 from conftest import make_dataset, synthetic_digits, write_idx
 from dlbase.core.config import DataConfig
-from dlbase.core.data import Batcher, load_dataset, locate, read_idx
+from dlbase.core.data import Batcher, load_dataset
+from dlbase.core.idx import locate, read_idx
 from dlbase.core.errors import DataError
 
 
@@ -162,7 +163,7 @@ def test_large_gzipped_files_are_decompressed_and_hashed_once(tmp_path, monkeypa
     a damaged cache entry falls back to the file."""
     import gzip as gz
 
-    from dlbase.core import data as D
+    from dlbase.core import idx as D
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder = make_dataset(tmp_path / "big", n_train=1500, n_test=10)
     path = folder / "train-images-idx3-ubyte.gz"

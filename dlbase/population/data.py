@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 
 from dlbase.core.config import Config
-from dlbase.core.data import DeviceSplit, normalize, read_checked, split_indices
+from dlbase.core.data import DeviceSplit, normalize, split_indices
+from dlbase.core.idx import read_checked
 from dlbase.core.errors import DataError
 
 

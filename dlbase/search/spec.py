@@ -58,6 +58,36 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
     if not isinstance(params, dict) or not params:
         raise _fail(source, "sweep.params", "needs at least one dotted key with a list of values or a distribution, "
                                             "e.g. optim.lr: [0.1, 0.01]")
+    method, metric, mode, pruner = _how(raw, source, params)
+    ints = _ints(raw, source, method)
+    population = raw.get("population", 1)
+    bad = population_error(population)
+    if bad:
+        raise _fail(source, "sweep.population", bad + " (auto: as many trials as fit in memory)")
+    storage = raw.get("storage")
+    if storage is not None and (not isinstance(storage, str) or not storage.strip()):
+        raise _fail(source, "sweep.storage", f"{storage!r} is not a database URL (sqlite:///study.db, "
+                                             f"postgresql://user@host/db) or a journal file path (study.log)")
+    for key, space in params.items():
+        _check_param(source, key, space, method)
+    if method == "grid":
+        points = math.prod(len(v) for v in params.values())
+        if points > MAX_TRIALS:
+            raise _fail(source, "sweep.params", f"the grid has {points:,} points "
+                                                f"({' x '.join(str(len(v)) for v in params.values())}); at most "
+                                                f"{MAX_TRIALS:,} trials per sweep")
+    name = raw.get("name", default_name)
+    name = str(name) if isinstance(name, int) and not isinstance(name, bool) else name
+    if not isinstance(name, str) or not re.fullmatch(NAME_RULE["pattern"], name):  # it names a folder
+        raise _fail(source, "sweep.name", f"{name!r} is not allowed; expected {NAME_RULE['allowed']}")
+    return SweepSpec(name=name, method=method, trials=ints["trials"], seed=ints["seed"], params=params,
+                     metric=metric, mode=mode, cv_folds=ints["cv_folds"], pruner=pruner,
+                     prune_after=ints["prune_after"], storage=storage, heartbeat=ints["heartbeat"],
+                     retries=ints["retries"], population=population)
+
+
+def _how(raw: dict, source: str, params: dict) -> tuple[str, str, str, str]:
+    """(method, metric, mode, pruner), each checked, with its default from those before it."""
     has_dist = any(isinstance(v, dict) for v in params.values())
     method = raw.get("method", "tpe" if has_dist else "grid")
     if method not in METHODS:
@@ -73,6 +103,11 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
     pruner = "none" if pruner is None else pruner
     if pruner not in PRUNERS:
         raise _fail(source, "sweep.pruner", f"{pruner!r} is not one of {', '.join(PRUNERS)}")
+    return method, metric, mode, pruner
+
+
+def _ints(raw: dict, source: str, method: str) -> dict[str, Optional[int]]:
+    """The spec's integer keys, each checked against its lower bound (and trials against MAX_TRIALS)."""
     ints = {}
     for key, lo, default in (("trials", 1, 10), ("seed", 0, 0), ("cv_folds", 2, None), ("prune_after", 0, 3),
                              ("heartbeat", 1, 30), ("retries", 0, 3)):
@@ -82,64 +117,51 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
         if key == "trials" and method != "grid" and v > MAX_TRIALS:
             raise _fail(source, "sweep.trials", f"{v:,} trials: at most {MAX_TRIALS:,} per sweep")
         ints[key] = v
-    population = raw.get("population", 1)
-    bad = population_error(population)
-    if bad:
-        raise _fail(source, "sweep.population", bad + " (auto: as many trials as fit in memory)")
-    storage = raw.get("storage")
-    if storage is not None and (not isinstance(storage, str) or not storage.strip()):
-        raise _fail(source, "sweep.storage", f"{storage!r} is not a database URL (sqlite:///study.db, "
-                                             f"postgresql://user@host/db) or a journal file path (study.log)")
-    for key, space in params.items():
-        where = f"sweep.params.{key}"
-        if key in UNSWEPT_KEYS:
-            raise _fail(source, where, "every trial sets it itself (its folder, or the sweep's metric): sweeping it "
-                                       "would run identical trials")
-        if isinstance(space, list):
-            if not space:
-                raise _fail(source, where, "an empty list: give at least one value")
-            _distinct(source, where, space, encode)
-        elif isinstance(space, dict):
-            dist = space.get("distribution")
-            if dist not in DISTRIBUTIONS:
-                raise _fail(source, where, f"distribution {dist!r} is not one of {', '.join(DISTRIBUTIONS)}")
-            allowed = ("distribution", "values") if dist == "choice" else ("distribution", "low", "high")
-            extra = [k for k in space if k not in allowed]
-            if extra:
-                raise _fail(source, where, f"unknown key {extra[0]!r} in a {dist} distribution; allowed: "
-                                           f"{', '.join(allowed)}")
-            if method == "grid":
-                raise _fail(source, where, "a distribution needs method: tpe or random (grid takes lists)")
-            if dist == "choice":
-                if not isinstance(space.get("values"), list) or not space["values"]:
-                    raise _fail(source, where, "choice needs values: [a non-empty list]")
-                _distinct(source, where, space["values"], encode)
-            else:
-                lo, hi = space.get("low"), space.get("high")
-                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (lo, hi)):
-                    raise _fail(source, where, f"{dist} needs numbers low and high, got low={lo!r}, high={hi!r}")
-                if lo >= hi:
-                    raise _fail(source, where, f"low ({lo}) must be below high ({hi})")
-                if dist == "log_uniform" and lo <= 0:
-                    raise _fail(source, where, f"log_uniform needs low > 0, got {lo}")
-                if dist == "int_uniform" and not (float(lo).is_integer() and float(hi).is_integer()):
-                    raise _fail(source, where, "int_uniform needs integer low and high")
-        else:
-            raise _fail(source, where, f"{space!r} is neither a list of values nor a distribution mapping")
+    return ints
+
+
+def _check_param(source: str, key: str, space: Any, method: str) -> None:
+    """One swept key's space: a non-empty list of distinct values, or a distribution mapping."""
+    where = f"sweep.params.{key}"
+    if key in UNSWEPT_KEYS:
+        raise _fail(source, where, "every trial sets it itself (its folder, or the sweep's metric): sweeping it "
+                                   "would run identical trials")
+    if isinstance(space, list):
+        if not space:
+            raise _fail(source, where, "an empty list: give at least one value")
+        _distinct(source, where, space, encode)
+    elif isinstance(space, dict):
+        _check_distribution(source, where, space, method)
+    else:
+        raise _fail(source, where, f"{space!r} is neither a list of values nor a distribution mapping")
+
+
+def _check_distribution(source: str, where: str, space: dict, method: str) -> None:
+    """A distribution mapping: its name, its keys, a method that samples, and its values or its range."""
+    dist = space.get("distribution")
+    if dist not in DISTRIBUTIONS:
+        raise _fail(source, where, f"distribution {dist!r} is not one of {', '.join(DISTRIBUTIONS)}")
+    allowed = ("distribution", "values") if dist == "choice" else ("distribution", "low", "high")
+    extra = [k for k in space if k not in allowed]
+    if extra:
+        raise _fail(source, where, f"unknown key {extra[0]!r} in a {dist} distribution; allowed: "
+                                   f"{', '.join(allowed)}")
     if method == "grid":
-        points = math.prod(len(v) for v in params.values())
-        if points > MAX_TRIALS:
-            raise _fail(source, "sweep.params", f"the grid has {points:,} points "
-                                                f"({' x '.join(str(len(v)) for v in params.values())}); at most "
-                                                f"{MAX_TRIALS:,} trials per sweep")
-    name = raw.get("name", default_name)
-    name = str(name) if isinstance(name, int) and not isinstance(name, bool) else name
-    if not isinstance(name, str) or not re.fullmatch(NAME_RULE["pattern"], name):  # it names a folder
-        raise _fail(source, "sweep.name", f"{name!r} is not allowed; expected {NAME_RULE['allowed']}")
-    return SweepSpec(name=name, method=method, trials=ints["trials"], seed=ints["seed"], params=params,
-                     metric=metric, mode=mode, cv_folds=ints["cv_folds"], pruner=pruner,
-                     prune_after=ints["prune_after"], storage=storage, heartbeat=ints["heartbeat"],
-                     retries=ints["retries"], population=population)
+        raise _fail(source, where, "a distribution needs method: tpe or random (grid takes lists)")
+    if dist == "choice":
+        if not isinstance(space.get("values"), list) or not space["values"]:
+            raise _fail(source, where, "choice needs values: [a non-empty list]")
+        _distinct(source, where, space["values"], encode)
+        return
+    lo, hi = space.get("low"), space.get("high")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (lo, hi)):
+        raise _fail(source, where, f"{dist} needs numbers low and high, got low={lo!r}, high={hi!r}")
+    if lo >= hi:
+        raise _fail(source, where, f"low ({lo}) must be below high ({hi})")
+    if dist == "log_uniform" and lo <= 0:
+        raise _fail(source, where, f"log_uniform needs low > 0, got {lo}")
+    if dist == "int_uniform" and not (float(lo).is_integer() and float(hi).is_integer()):
+        raise _fail(source, where, "int_uniform needs integer low and high")
 
 
 def _distinct(source: str, where: str, values: list, encode: Callable) -> None:

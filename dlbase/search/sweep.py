@@ -1,6 +1,7 @@
 """Hyperparameter sweeps on Optuna (grid, random, TPE; pruning; a study in a database shared by workers),
 optional k-fold cross-validation, resumable, test set once. The spec is dlbase/search/spec.py's; the study,
-dlbase/search/study.py's.
+dlbase/search/study.py's; the folder's record and the checks before any trial runs, dlbase/search/folder.py's; the
+ranking and the winner's one test, dlbase/search/results.py's.
 
 Selection uses validation data only (a held-out split, or the folds of the training set); the test set is
 evaluated once, for the winner, and reported apart. A diverged trial is a result (failed, ranked last); a trial's
@@ -11,26 +12,24 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import csv
-import io
 import json
 import math
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import yaml
 
 from dlbase.training import checkpoint
 from dlbase.core import rundir
-from dlbase.core.config import Config, config_from_dict, to_dict, to_yaml
+from dlbase.core.config import Config, config_from_dict, to_dict
 from dlbase.core.errors import ConfigError, DlbaseError, SweepStopped, TrainingDiverged
-from dlbase.search.spec import (DISTRIBUTIONS, SWEEP_KEYS, WHERE_KEYS, SweepSpec, changed_keys,  # noqa: F401
-                              flat, load_sweep, parse_grid_option, parse_spec, sample, trial_config)
-
-RESULT_FILE = "result.json"  # a finished (or diverged) trial's row and resolved config: reruns reuse it
+from dlbase.search.folder import RESULT_FILE, check_base, check_folder, check_trials, write_record
+from dlbase.search.results import finished, measure_winner, rank, write_results
+from dlbase.search.spec import (DISTRIBUTIONS, SWEEP_KEYS, WHERE_KEYS, SweepSpec, flat,  # noqa: F401
+                              load_sweep, parse_grid_option, parse_spec, sample, trial_config)
 
 
 class Sweep:
@@ -60,7 +59,7 @@ class Sweep:
 
     def _check_equal_folds(self) -> None:
         """A population trains members on one training-set size: folds that cut n unevenly cannot share one."""
-        from dlbase.core.data import training_size
+        from dlbase.core.idx import training_size
         k = self.spec.cv_folds
         for cfg in [self.base, *self.configs]:
             n = training_size(cfg.data)
@@ -102,77 +101,6 @@ class Sweep:
         skip = {*self.spec.params, *WHERE_KEYS, "train.early_stop.metric"}
         return yaml.safe_load(yaml.safe_dump({k: v for k, v in flat(to_dict(self.base)).items() if k not in skip}))
 
-    # ------------------------------------------------------------------ checks, before any trial runs
-    def _check_folder(self) -> None:
-        """The folder is writable and holds this sweep or none. Writes nothing: sweep.yaml is written once every
-        check passed (_write_record), so a refused rerun leaves it as it was."""
-        rundir.check_writable(self.root)  # checkpoint.dir read-only, or a file: one line now, not a traceback later
-        record = self.record()
-        stored = self.root / "sweep.yaml"
-        if stored.exists():  # a rerun resumes only the same sweep: trials are named by their slot in it
-            try:
-                before = yaml.safe_load(stored.read_text())
-            except yaml.YAMLError:
-                before = None
-            if not isinstance(before, dict) or any(before.get(k) != v for k, v in record.items()):
-                changes = (changed_keys({k: before.get(k) for k in record}, record) if isinstance(before, dict)
-                           else ["unreadable"])
-                raise ConfigError(f"{stored}: this folder holds another sweep ({_shown(changes)}); give the new one "
-                                  f"another name (sweep name: or --set checkpoint.dir=...), or delete {self.root}")
-
-    def _check_base(self, study) -> None:
-        """The study was made from this base config (and --set), on this machine or another sharing it."""
-        stored = study.base
-        changes = changed_keys(stored, self.base_record()) if isinstance(stored, dict) else []
-        if changes:
-            where = (f"{self.root / 'study.db'}" if not self.storage_text else
-                     f"--storage {_shown_url(study.url)}")
-            redo = (f"delete {rundir.quote(self.root)}" if not self.storage_text else
-                    f"delete the study (optuna delete-study --study-name {self.spec.name})")
-            raise ConfigError(f"{where}: study {self.spec.name!r} was made from another base config than "
-                              f"{self.source} and --set give now ({_shown(changes)}); to keep both, give this sweep "
-                              f"another name (sweep name: or --set checkpoint.dir=...); to redo it, {redo}")
-
-    def _write_record(self) -> None:
-        rundir.write_atomic(self.root / "sweep.yaml",
-                            yaml.safe_dump({"base": self.source, **self.record(), "base_config": self.base_record()},
-                                           sort_keys=False), "sweep.yaml")
-
-    def _check_trials(self, study) -> None:
-        """Refuse a trial folder here whose result or checkpoint came from another config than its slot's
-        values give now (the base config or --set changed)."""
-        for folder in sorted(self.root.glob("trial-[0-9][0-9][0-9]*")):
-            try:
-                slot = int(folder.name.split("-", 1)[1])
-            except ValueError:
-                continue
-            values = study.params_of(slot)
-            if values is None:
-                continue
-            cfg = self.config_for(values, slot)
-            done = folder / RESULT_FILE
-            if done.exists():
-                try:
-                    row = json.loads(done.read_text())
-                except ValueError:
-                    raise ConfigError(f"{done}: unreadable; delete it and rerun to redo {cfg.name}") from None
-                stored = row["config"] if "config" in row else _config_yaml(folder)
-                self._refuse_if_changed(done, stored, cfg, self.root)
-                continue
-            for run in ([folder / f"fold-{f + 1}" for f in range(self.folds)] if self.spec.cv_folds else [folder]):
-                if (run / "last.ckpt").exists():  # an interrupted trial goes on from here: with its own config only
-                    self._refuse_if_changed(run / "last.ckpt", checkpoint.load(run / "last.ckpt")["config"], cfg,
-                                            self.root)
-
-    def _refuse_if_changed(self, path: Path, stored: Optional[dict], cfg: Config, redo: Path) -> None:
-        """A result or checkpoint is reused only if its whole resolved config is the one cfg resolves to now."""
-        changes = changed_keys(stored, to_dict(cfg)) if isinstance(stored, dict) else ["no config stored with it"]
-        if changes:
-            shown = _shown(changes)
-            raise ConfigError(f"{path}: {cfg.name} was trained with another config than {self.source} gives it now "
-                              f"({shown}); to keep both, give this sweep another name (sweep name: or --set "
-                              f"checkpoint.dir=...); to redo it, delete {rundir.quote(redo)}")
-
     # ------------------------------------------------------------------ the study
     def open_study(self, rank: int = 0):
         from dlbase.search.study import Study
@@ -188,12 +116,14 @@ class Sweep:
             return self._run(workers, worker_argv, worker)
 
     def _run(self, workers: int, worker_argv: Optional[list[str]], worker: Optional[int]) -> dict:
+        from dlbase.search.study import hide_password
+
         spec = self.spec
-        self._check_folder()
+        check_folder(self)
         study = self.open_study(worker or 0)
-        self._check_trials(study)
-        self._check_base(study)
-        self._write_record()
+        check_trials(self, study)
+        check_base(self, study)
+        write_record(self)
         if worker is not None:
             self._work(study, f"[worker {worker}] ")
             return {}
@@ -201,7 +131,7 @@ class Sweep:
         pruning = f", pruner {spec.pruner}" if spec.pruner != "none" else ""
         self.log(f"sweep {spec.name}: {spec.method}, {len(rows) + open_} trials"
                  f"{f' x {self.folds} folds' if spec.cv_folds else ''}{pruning}, {spec.metric} ({spec.mode}) on "
-                 f"validation data -> {self.root}  (study: {_shown_url(study.url)}; {len(rows)} done)")
+                 f"validation data -> {self.root}  (study: {hide_password(study.url)}; {len(rows)} done)")
         if open_ and workers > 1:
             from dlbase.search.workers import run_workers
             run_workers(worker_argv or [], workers, self.base.device, self.log)
@@ -209,7 +139,7 @@ class Sweep:
             self._work(study, "")
         rows, open_ = study.rows()
         ranked = rank(list(rows.values()), spec.mode)
-        self._write_results(ranked)
+        write_results(self, ranked)
         if open_:
             raise DlbaseError(f"sweep {spec.name}: {open_} trial(s) are still running elsewhere or could not be "
                               f"taken; results.csv ranks the {len(rows)} done; rerun the same command to finish")
@@ -220,7 +150,7 @@ class Sweep:
             raise DlbaseError(f"sweep {spec.name}: {what}; see {self.root / 'results.csv'}); "
                               f"no winner, and the test set was not used; lower optim.lr or set train.grad_clip, "
                               f"and run the new sweep under another name")
-        return self._test_winner(study, ranked[0], ranked)
+        return measure_winner(self, study, ranked[0], ranked)
 
     def _work(self, study, prefix: str) -> None:
         """Take slots until none is left; while other workers still run trials, wait: one may die, and its
@@ -339,7 +269,7 @@ class Sweep:
             payload = checkpoint.load(last) if last.exists() else None  # an interrupted trial goes on
             try:
                 result = train(fcfg, resume=last if payload else None, resume_payload=payload, folder=run,
-                               dataset=self._dataset(fcfg, fold), log=lambda line: None,
+                               dataset=self.dataset(fcfg, fold), log=lambda line: None,
                                on_epoch=None if spec.cv_folds or spec.pruner == "none" else report)
             except TrainingDiverged as e:  # scored as failed, ranked last; the sweep goes on
                 failure = str(e).split(";")[0] + (f" (fold {f + 1})" if spec.cv_folds else "")
@@ -364,7 +294,8 @@ class Sweep:
                 "seconds": round(time.perf_counter() - t0, 2),
                 **({"error": failure} if failure else {}), **({"pruned_at": pruned_at} if pruned_at else {})}
 
-    def _dataset(self, cfg: Config, fold: Optional[tuple[int, int]]):
+    def dataset(self, cfg: Config, fold: Optional[tuple[int, int]]):
+        """The data of a trial's run (fold: its part of cross-validation), loaded onto the device once (cache)."""
         from dlbase.core.data import load_dataset
         from dlbase.training.engine import plan, resolve_device
         device = resolve_device(cfg.device)
@@ -374,179 +305,9 @@ class Sweep:
             self.cache[key] = load_dataset(cfg.data, cfg.seed, device, dtype, fold=fold)
         return self.cache[key]
 
-    def _write_results(self, ranked: list[dict]) -> None:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=self.fields(), lineterminator="\n")
-        w.writeheader()
-        for i, r in enumerate(ranked, 1):
-            w.writerow(self._cells(i, r))
-        rundir.write_atomic(self.root / "results.csv", buf.getvalue(), "results.csv")
-
-    def fields(self) -> list[str]:
-        return ["rank", "trial", *self.spec.params, "status", "score", "std", "epochs", "seconds"]
-
-    def _cells(self, rank: int, row: dict) -> dict:
-        """A row of results.csv (and of the table in the log); None for a failed trial's score, std, epochs."""
-        return {"rank": rank, **{k: row.get(k) for k in self.fields()[1:]}, "status": row.get("status", "finished")}
-
-    # ------------------------------------------------------------------ the winner, and the test set once
-    def _test_winner(self, study, winner: dict, ranked: list[dict]) -> dict:
-        """best.yaml; with cross-validation the winner's retraining on every training image; then the test set,
-        once for the whole study, on the winner's checkpoint, by the one process that holds it; winner.json."""
-        from dlbase.search.study import claim
-
-        spec, root = self.spec, self.root
-        slot = int(winner["trial"].split("-", 1)[1])
-        win_cfg = self.config_for({k: winner[k] for k in spec.params}, slot)
-        final_cfg, epochs_note = self._final_config(win_cfg) if spec.cv_folds else (win_cfg, "")
-        best_cfg = replace(final_cfg, name=f"{spec.name[:123]}_best",
-                           checkpoint=replace(final_cfg.checkpoint, dir=self.base.checkpoint.dir))
-        how = f", as retrained on every training image for {epochs_note}" if spec.cv_folds else ""
-        head = (f"# the winner of sweep {spec.name} ({winner['trial']}), resolved{how}; train it with\n"
-                f"#   dlbase train --config {rundir.quote(root / 'best.yaml')}\n")
-        rundir.write_atomic(root / "best.yaml", head + to_yaml(best_cfg), "best.yaml")
-        self._table(ranked)
-        tested = study.noted(TESTED)
-        if tested is None and (root / winner["trial"]).is_dir() and claim(root / "winner.lock"):
-            try:
-                tested = study.noted(TESTED) or self._test_once(winner, win_cfg, final_cfg, epochs_note)
-                study.note(TESTED, tested)  # every other worker and machine reads it: the test set stays untouched
-            finally:
-                (root / "winner.lock").unlink(missing_ok=True)
-        if tested is None:
-            where = winner.get("host", "another machine")
-            self.log(f"winner {winner['trial']} ({spec.metric} {winner['score']:.4f}) was trained on {where}; its "
-                     f"one test runs there (rerun the same command on {where})  -> {root / 'best.yaml'}")
-            return {"winner": _shown_row(winner), "test_accuracy": None}
-        rundir.write_atomic(root / "winner.json", json.dumps(tested, indent=2), "winner.json")
-        self.log(f"winner {winner['trial']} ({spec.metric} {winner['score']:.4f}); test accuracy, measured once: "
-                 f"{100 * tested['test_accuracy']:.2f}%  -> {root / 'best.yaml'}")
-        return tested
-
-    def _table(self, ranked: list[dict]) -> None:
-        self.log("")
-        self.log(" ".join(f"{h:>12}" for h in self.fields()))
-        for i, r in enumerate(ranked, 1):
-            self.log(" ".join(f"{rundir.cell(v):>12}" for v in self._cells(i, r).values()))
-
-    def _test_once(self, winner: dict, win_cfg: Config, final_cfg: Config, epochs_note: str) -> dict:
-        """Retrain (cross-validation) and test the winner: the one time the sweep reads the test set."""
-        from dlbase.core.data import load_dataset
-        from dlbase.training.engine import resolve_device
-        from dlbase.training.evaluate import evaluate
-        from dlbase.core.loss import build_eval_loss
-        from dlbase.training.state import load_for_eval
-
-        spec, root = self.spec, self.root
-        if spec.cv_folds:  # the folds' models each saw part of the data: retrain the winner on all of it, once
-            trained_on = f"all {self._retrain(final_cfg)} training images, {epochs_note}"
-            ckpt = root / final_cfg.name / "last.ckpt"  # its last epoch: no validation data to choose another
-            self.log(f"winner {winner['trial']} retrained on {trained_on}")
-        else:
-            ckpt = root / win_cfg.name / "best.ckpt"
-        device = resolve_device(win_cfg.device)
-        cfg, model, payload = load_for_eval(ckpt, device)
-        if not spec.cv_folds:
-            trained_on = (f"the training images less the {cfg.data.val_size} held out for validation; its best "
-                          f"epoch by {spec.metric} (epoch {payload['epoch']})")
-        test = evaluate(model, load_dataset(cfg.data, cfg.seed, device).test,
-                        build_eval_loss(cfg.train.loss, cfg.model.output))
-        summary = {"winner": _shown_row(winner), "trained_on": trained_on,
-                   "test_accuracy": test["accuracy"], "test_loss": test["loss"], "checkpoint": str(ckpt),
-                   "results": str(root / "results.csv"), "best_yaml": str(root / "best.yaml")}
-        if cfg.train.tensorboard:  # the winner's HParams row gets its test accuracy, as `dlbase eval` gives a run's
-            from dlbase.training.tblog import write_eval
-            write_eval(ckpt.parent, int(payload["step"]), test["accuracy"], {})
-        return summary
-
-    def _final_config(self, cfg: Config) -> tuple[Config, str]:
-        """The winner's config for its retraining: every training image (no validation split) for the mean over
-        folds of each fold's best epoch (rounded half up, at least 1); no early stopping, nothing to monitor but
-        train_loss. And those epochs in words."""
-        chosen = [checkpoint.load(self.root / cfg.name / f"fold-{f + 1}" / "best.ckpt")["epoch"]
-                  for f in range(self.folds)]
-        epochs = max(1, math.floor(statistics.mean(chosen) + 0.5))
-        stop = replace(cfg.train.early_stop, metric=None, patience=None)  # null: train_loss, with no val data
-        train_cfg = replace(cfg.train, epochs=epochs, max_steps=None, early_stop=stop)
-        note = (f"{epochs} epoch{'s' if epochs != 1 else ''} (mean best epoch over {self.folds} folds: "
-                f"{', '.join(map(str, chosen))})")
-        return replace(cfg, name="winner", data=replace(cfg.data, val_size=0), train=train_cfg), note
-
-    def _retrain(self, cfg: Config) -> int:
-        """Train (or finish) the winner's final run in <sweep>/winner/; returns how many images it trained on."""
-        from dlbase.training.train import train
-
-        folder = self.root / cfg.name
-        last = folder / "last.ckpt"
-        payload = checkpoint.load(last) if last.exists() else None
-        if payload is not None:
-            self._refuse_if_changed(last, payload["config"], cfg, folder)
-        data = self._dataset(cfg, None)
-        try:
-            result = train(cfg, resume=last if payload else None, resume_payload=payload, folder=folder,
-                           dataset=data, log=lambda line: None)
-        except TrainingDiverged as e:
-            raise TrainingDiverged(f"sweep {self.spec.name}: retraining the winner on every training image: "
-                                   f"{e}") from None
-        if result.status == "preempted":
-            raise SweepStopped(f"sweep {self.spec.name} stopped by a signal while retraining the winner; rerun the "
-                               f"same command to go on", result.exit_code)
-        return len(data.train)
-
-
-TESTED = "dlbase.winner"  # the study's record of the winner's one test (winner.json's contents)
-
 
 def run_sweep(base_raw: dict, spec: SweepSpec, source: str, sets: list[str],
               log: Callable[[str], None] = print, storage: Optional[str] = None, workers: int = 1,
               worker_argv: Optional[list[str]] = None, worker: Optional[int] = None) -> dict:
     """Run (or resume, or join) a sweep: see Sweep."""
     return Sweep(base_raw, spec, source, sets, log, storage).run(workers, worker_argv, worker)
-
-
-def rank(rows: list[dict], mode: str) -> list[dict]:
-    """Finished trials by score (best first, ties in trial order), then the pruned ones likewise, then the
-    failed ones in trial order."""
-    def by_score(status: str) -> list[dict]:
-        return sorted((r for r in rows if r.get("status", "finished") == status and r.get("score") is not None),
-                      key=lambda r: (-r["score"] if mode == "max" else r["score"], r["trial"]))
-    done = by_score("finished") + by_score("pruned")
-    return done + sorted((r for r in rows if r not in done), key=lambda r: r["trial"])
-
-
-def _shown_row(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in ("config", "host")}
-
-
-def _shown(changes: list[str]) -> str:
-    return "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
-
-
-def _shown_url(url: str) -> str:
-    from dlbase.search.study import hide_password
-    return hide_password(url)
-
-
-def _suggest(trial, key: str, dist) -> Any:
-    """The trial's value for key: fixed in its slot, kept from before a retry, or chosen by the sampler."""
-    from optuna.distributions import CategoricalDistribution, IntDistribution
-    if isinstance(dist, CategoricalDistribution):
-        return trial.suggest_categorical(key, dist.choices)
-    if isinstance(dist, IntDistribution):
-        return trial.suggest_int(key, dist.low, dist.high)
-    return trial.suggest_float(key, dist.low, dist.high, log=dist.log)
-
-
-def finished(row: dict) -> bool:
-    return row.get("status", "finished") == "finished"  # results written before failures were recorded finished
-
-
-def _config_yaml(folder: Path) -> Optional[dict]:
-    """A trial's config from its config.yaml (result.json files written before they held the config)."""
-    for path in (folder / "config.yaml", folder / "fold-1" / "config.yaml"):
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
-            continue
-        return raw if isinstance(raw, dict) else None
-    return None

@@ -16,7 +16,7 @@ from dlbase.core.errors import CheckpointError, DlbaseError
 STATUSES = ("finished", "early-stopped", "pruned", "preempted", "diverged", "unfinished", "broken")
 STATUS_FILE = "status.json"  # written by train.py when a run ends: {"status": ..., "step": N} (see the note below)
 RESULT_FILE = "result.json"  # a sweep trial's row (dlbase/search/sweep.py): "diverged" lives there
-WINNER_FILE = "winner.json"  # a sweep's test of its winner (dlbase/search/sweep.py)
+WINNER_FILE = "winner.json"  # a sweep's test of its winner (dlbase/search/results.py)
 NOT_HPARAMS = ("name", "checkpoint.dir")  # where a run's files go, not what it learns (as sweep.WHERE_KEYS)
 COLUMNS = ("name", "status", "epochs", "best_val_accuracy", "test_accuracy", "train_seconds")
 HEADERS = {"name": "run", "status": "status", "epochs": "epochs", "best_val_accuracy": "best val acc",

@@ -65,11 +65,29 @@ def plot_run(run_dir: Path) -> list[Path]:
     plt = _plt()
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    name = run_dir.name
     epochs = [int(r["epoch"]) for r in rows]
+    curves, gradnorms = run_dir / "curves.png", run_dir / "gradnorms.png"
+    _save(plt, _curves(plt, rows, epochs, run_dir.name), curves)
+    _save(plt, _norms(plt, rows, epochs, run_dir.name), gradnorms)
+    return [curves, gradnorms]
 
+
+def _curves(plt, rows: list[dict], epochs: list[int], name: str):
+    """curves.png's figure: loss, validation accuracy and learning rate per epoch."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
-    ax = axes[0]
+    _loss_panel(axes[0], rows, epochs)
+    _accuracy_panel(axes[1], rows, epochs)
+    ax = axes[2]
+    ax.plot(epochs, _floats(rows, "lr"), "o-", color="C2")
+    ax.set(title="Learning rate (at each epoch's last step)", xlabel="epoch", ylabel="learning rate")
+    ax.grid(alpha=0.3)
+    for ax in axes:
+        _epoch_ticks(ax, epochs)
+    fig.suptitle(f"{name}: training curves", fontsize=14)
+    return fig
+
+
+def _loss_panel(ax, rows: list[dict], epochs: list[int]) -> None:
     ce = _floats(rows, "train_ce")
     if any(v is not None for v in ce):  # label smoothing: compare cross-entropy with cross-entropy
         ax.plot(epochs, ce, "o-", label="training cross-entropy (empirical risk)")
@@ -82,7 +100,9 @@ def plot_run(run_dir: Path) -> list[Path]:
     ax.set(title="Loss: the generalisation gap", xlabel="epoch", ylabel="mean loss per sample")
     ax.legend()
     ax.grid(alpha=0.3)
-    ax = axes[1]
+
+
+def _accuracy_panel(ax, rows: list[dict], epochs: list[int]) -> None:
     acc = _floats(rows, "val_accuracy")
     if any(v is not None for v in acc):
         ax.plot(epochs, [100 * v if v is not None else None for v in acc], "s-", color="C1",
@@ -93,16 +113,10 @@ def plot_run(run_dir: Path) -> list[Path]:
         ax.legend(loc="lower right")
     ax.set(title="Validation accuracy", xlabel="epoch", ylabel="accuracy (%)")
     ax.grid(alpha=0.3)
-    ax = axes[2]
-    ax.plot(epochs, _floats(rows, "lr"), "o-", color="C2")
-    ax.set(title="Learning rate (at each epoch's last step)", xlabel="epoch", ylabel="learning rate")
-    ax.grid(alpha=0.3)
-    for ax in axes:
-        _epoch_ticks(ax, epochs)
-    fig.suptitle(f"{name}: training curves", fontsize=14)
-    curves = run_dir / "curves.png"
-    _save(plt, fig, curves)
 
+
+def _norms(plt, rows: list[dict], epochs: list[int], name: str):
+    """gradnorms.png's figure: each linear layer's gradient and weight norms per epoch."""
     layers = sorted({int(k.rsplit("_", 1)[1]) for k in rows[0] if k.startswith("grad_norm_")})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
     for ax, key, title, norm in ((axes[0], "grad_norm", "Gradient norm per layer (last step of each epoch)",
@@ -122,9 +136,7 @@ def plot_run(run_dir: Path) -> list[Path]:
                        ncols=-(-len(layers) // LEGEND_ROWS))
     fig.suptitle(f"{name}: layer 1 is next to the input; a gap of decades between layers means vanishing "
                  f"gradients", fontsize=11)
-    gradnorms = run_dir / "gradnorms.png"
-    _save(plt, fig, gradnorms)
-    return [curves, gradnorms]
+    return fig
 
 
 @torch.no_grad()
