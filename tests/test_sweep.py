@@ -67,6 +67,8 @@ def test_random_is_reproducible_and_respects_bounds():
     ({"method": "bayes", "params": {"optim.lr": [1]}}, "grid, random, tpe"),
     ({"metric": "test_accuracy", "params": {"optim.lr": [1]}}, "never looks at the test set"),
     ({"cv_folds": 1, "params": {"optim.lr": [1]}}, "sweep.cv_folds"),
+    ({"method": "random", "trials": None, "params": {"optim.lr": [1, 2]}}, "sweep.trials: null"),
+    ({"retries": None, "params": {"optim.lr": [1]}}, "sweep.retries: null"),
 ])
 def test_bad_spaces_fail_at_once(raw, words):
     with pytest.raises(ConfigError, match=words):
