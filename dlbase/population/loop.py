@@ -34,10 +34,10 @@ from dlbase.training.state import Monitor, load_model_state
 from dlbase.training.train import RunResult, seed_everything, step_losses
 
 EXIT_DIVERGED = 3  # TrainingDiverged's exit code
-# how a population's members are stacked: torch.func over whatever build_model makes (vmapped.py), or the
-# hand-stacked MLP (torch.baddbmm; stacked.py). scripts/population_bench.py measured them equal on this CPU
-# (BENCHMARKS.md), so auto takes torch.func, which takes any model, and the hand-stacked MLP only for what it
-# alone can do: a dropout rate per member. (On a GPU: not measured yet.)
+# how a population's members are stacked: the hand-stacked MLP (torch.baddbmm; stacked.py), or torch.func over
+# whatever build_model makes (vmapped.py). scripts/population_bench.py measured the hand-stacked one faster for
+# MLPs on this CPU (9% of the steps for 4 x [512, 512], 32% for 4 x [64]; BENCHMARKS.md), so auto takes it for
+# MLPs and torch.func for every other model. (On a GPU: not measured yet.)
 STEPPERS = ("auto", "stacked", "vmap")
 
 
@@ -50,7 +50,7 @@ def stack_members(models: Sequence[torch.nn.Module], cfgs: Sequence, stepper: st
     if stepper == "stacked" and not mlp:
         raise ConfigError("population stepper 'stacked' is the hand-stacked MLP; this model needs 'vmap' (or auto)")
     if stepper == "auto":
-        stepper = "stacked" if mlp and len({c.dropout for c in cfgs}) > 1 else "vmap"
+        stepper = "stacked" if mlp else "vmap"
     return VmappedModel(models, cfgs) if stepper == "vmap" else StackedMLP(models, cfgs)
 
 
