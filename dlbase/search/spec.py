@@ -111,9 +111,8 @@ def _ints(raw: dict, source: str, method: str) -> dict[str, Optional[int]]:
     ints = {}
     for key, lo, default in (("trials", 1, 10), ("seed", 0, 0), ("cv_folds", 2, None), ("prune_after", 0, 3),
                              ("heartbeat", 1, 30), ("retries", 0, 3)):
-        v = raw.get(key, default)
-        if v is None and default is not None:  # only cv_folds may be null (no cross-validation)
-            raise _fail(source, f"sweep.{key}", f"null is not an integer >= {lo}; leave the key out for {default}")
+        v = raw.get(key)
+        v = default if v is None else v  # null is the default, as the JSON Schema has it (cv_folds: none)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo or v > 10**6):
             raise _fail(source, f"sweep.{key}", f"{v!r} is not an integer >= {lo}")
         if key == "trials" and method != "grid" and v > MAX_TRIALS:
