@@ -55,7 +55,7 @@ def configs(args) -> list:
 def step_times(cfg, K: int, device: torch.device, steps: int = 20) -> dict:
     """ms per training step (forward, cross-entropy, backward) of K stacked models, through each stepper."""
     from dlbase.core.model import build_model
-    from dlbase.population.loop import stack_members
+    from dlbase.population.steppers import stack_members
     B = cfg.train.batch_size
     models = [build_model(dataclasses.replace(cfg, seed=j), (28, 28), device) for j in range(K)]
     x, y = torch.rand(K, B, 784, device=device), torch.randint(0, 10, (K, B), device=device)

@@ -1,6 +1,6 @@
 """The package's shape (issue 22): layers that import only downwards (import-linter's contract in pyproject.toml),
 no import circle between any two modules (lazy imports inside functions included), and no private name imported
-from another module."""
+from another module; no module over 400 lines, no function over 60."""
 from __future__ import annotations
 
 import ast
@@ -90,3 +90,19 @@ def test_no_private_name_is_imported_from_another_module():
                 bad += [f"{path.relative_to(REPO)}:{node.lineno}: {a.name}" for a in node.names
                         if a.name.startswith("_")]
     assert not bad, bad
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60  # past these a module holds two ideas, a function two steps
+
+
+def test_no_module_or_function_outgrows_one_idea():
+    big = []
+    for path in sorted((REPO / "dlbase").rglob("*.py")):
+        source = path.read_text()
+        where = path.relative_to(REPO)
+        if len(source.splitlines()) > MAX_MODULE_LINES:
+            big.append(f"{where}: {len(source.splitlines())} lines")
+        big += [f"{where}:{f.lineno} {f.name}: {f.end_lineno - f.lineno + 1} lines" for f in ast.walk(ast.parse(source))
+                if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not big, big

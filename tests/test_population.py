@@ -526,7 +526,7 @@ def test_a_signalled_seeds_population_resumes_with_one_command_as_if_never_stopp
 def test_the_vmap_stepper_takes_any_module_and_refuses_per_member_dropout(base):
     """torch.func's stepper stacks what build_model gives, so a population of another model family needs no
     code of its own; one dropout rate per population there (the hand-stacked MLP takes one per member)."""
-    from dlbase.population.loop import stack_members
+    from dlbase.population.steppers import stack_members
     from dlbase.population.vmapped import VmappedModel
 
     class Tiny(torch.nn.Module):  # not an MLP: a model family the hand-stacked path knows nothing of

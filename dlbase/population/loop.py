@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -17,72 +16,24 @@ from dlbase.training import checkpoint, runrecord
 from dlbase.core import rundir
 from dlbase.core.backprop import layer_norms
 from dlbase.core.config import Config, to_yaml
-from dlbase.core.data import Batcher, DeviceSplit
+from dlbase.core.data import Batcher
 from dlbase.training.engine import Plan, autocast
 from dlbase.training.evaluate import evaluate
 from dlbase.core.loss import build_eval_loss
-from dlbase.core.model import MLP, build_model, standardizes
+from dlbase.core.model import build_model, standardizes
 from dlbase.core.optim import build_optimizer, build_schedule
-from dlbase.population.stacked import StackedMLP, activation_bytes_per_member, clip_grad_norms, member_losses
-from dlbase.population.vmapped import VmappedModel
+from dlbase.population.stacked import activation_bytes_per_member, clip_grad_norms, member_losses
+from dlbase.population.member import Member, MemberResult
+from dlbase.population.restore import restore_member, restore_position
+from dlbase.population.steppers import stack_members
 from dlbase.population.optim import PopOptimizer
 from dlbase.population.data import PopulationData
 from dlbase.training.phases import Phases
 from dlbase.training.preempt import Preemption
-from dlbase.core.errors import CheckpointError
-from dlbase.training.state import Monitor, load_model_state
-from dlbase.training.train import RunResult, seed_everything, step_losses
+from dlbase.training.state import Monitor
+from dlbase.training.train import seed_everything, step_losses
 
 EXIT_DIVERGED = 3  # TrainingDiverged's exit code
-# how a population's members are stacked: the hand-stacked MLP (torch.baddbmm; stacked.py), or torch.func over
-# whatever build_model makes (vmapped.py). scripts/population_bench.py measured the hand-stacked one faster for
-# MLPs on this CPU (9% of the steps for 4 x [512, 512], 32% for 4 x [64]; BENCHMARKS.md), so auto takes it for
-# MLPs and torch.func for every other model. (On a GPU: not measured yet.)
-STEPPERS = ("auto", "stacked", "vmap")
-
-
-def stack_members(models: Sequence[torch.nn.Module], cfgs: Sequence, stepper: str = "auto"):
-    """The members' models as one stacked model (StackedMLP or VmappedModel: one interface)."""
-    from dlbase.core.errors import ConfigError
-    if stepper not in STEPPERS:
-        raise ConfigError(f"population stepper {stepper!r} is not one of {', '.join(STEPPERS)}")
-    mlp = all(type(m) is MLP for m in models)
-    if stepper == "stacked" and not mlp:
-        raise ConfigError("population stepper 'stacked' is the hand-stacked MLP; this model needs 'vmap' (or auto)")
-    if stepper == "auto":
-        stepper = "stacked" if mlp else "vmap"
-    return VmappedModel(models, cfgs) if stepper == "vmap" else StackedMLP(models, cfgs)
-
-
-@dataclass
-class MemberResult(RunResult):
-    """A RunResult, plus what the population measured: peak memory per member (bytes; on CUDA the allocator's
-    peak over the members, on the CPU the stacked state and one step's activations) and the population size."""
-    peak_bytes: int = 0
-    population: int = 1
-
-
-@dataclass
-class Member:
-    """One member's own side of the run: what train()'s Trainer keeps for a single run."""
-    cfg: Config
-    model: MLP  # its own MLP: the stacked weights are copied in at boundaries (validation, checkpoints)
-    optimizer: torch.optim.Optimizer  # its own torch optimiser, only to write its state in torch's format
-    batcher: Batcher
-    val: Optional[DeviceSplit]
-    monitor: Monitor
-    torch_rng: torch.Tensor  # the global RNG state a lone run of this config holds after building its model
-    folder: Path
-    on_epoch: Optional[Callable[[int, dict], bool]] = None
-    rows: list = field(default_factory=list)
-    events: object = None
-    status: str = "running"  # running | finished | early_stopped | pruned | preempted | diverged
-    epoch_rng: Optional[torch.Tensor] = None
-    epochs_done: int = 0
-    steps_done: int = 0
-    fold: Optional[tuple[int, int]] = None  # (k, K): its cross-validation fold, recorded in its checkpoints
-    train_seconds: float = 0.0  # its share of the population's training steps (their time / members in them)
-    warned: bool = False  # the vanishing-gradient warning was said
 
 
 class Population:
@@ -95,25 +46,12 @@ class Population:
                  resumed: Sequence[tuple[Path, checkpoint.Payload]] = (), stepper: str = "auto"):
         """resumed: each member's (checkpoint path, payload) to go on from, all at one position (train.py's
         resume_population groups them so), instead of starting; their folders are the checkpoints' own.
-        stepper: how the members are stacked (STEPPERS; stack_members)."""
+        stepper: how the members are stacked (steppers.STEPPERS)."""
         self.configs, self.data, self.device, self.plan, self.log = list(configs), data, device, run_plan, log
         self.phases = phases or Phases()  # where the time goes, printed as train()'s one line at the end
         cfg = configs[0]
         self.B = cfg.train.batch_size
-        members, train_idx = [], []
-        for i, c in enumerate(configs):  # each member set up exactly as a lone train() sets it up
-            seed_everything(c.seed)
-            model = build_model(c, data.input_shape, device)
-            idx, val = data.member_split(c, folds[i])
-            if standardizes(c):
-                model.encoding.set_stats(data.x.index_select(0, idx))  # the same tensor a lone run's train.x is
-            members.append(Member(c, model, build_optimizer(model.parameters(), c.optim, device),
-                                  Batcher(idx.shape[0], self.B, device, c.seed), val, Monitor(c, val is not None),
-                                  torch.get_rng_state(), Path(), on_epoch[i] if on_epoch else None,
-                                  fold=folds[i]))
-            if resumed:
-                self._restore_member(members[-1], *resumed[i])
-            train_idx.append(idx)
+        members, train_idx = self._build_members(folds, on_epoch, resumed)
         sizes = sorted({t.shape[0] for t in train_idx})
         if len(sizes) > 1:
             from dlbase.core.errors import ConfigError
@@ -131,11 +69,7 @@ class Population:
         self.net = stack_members([m.model for m in members], [c.model for c in configs], stepper)
         lr_table = torch.tensor([s.table() for s in self.schedules], dtype=torch.float64, device=device)  # (K, T)
         self.opt = PopOptimizer(self.net.params, [c.optim for c in configs], lr_table)
-        smooth = [c.train.label_smoothing for c in configs]
-        self.smoothing = torch.tensor(smooth, device=device) if any(smooth) else None  # (K,)
-        clips = [c.train.grad_clip for c in configs]
-        self.clip = (torch.tensor([c if c is not None else math.inf for c in clips], device=device)
-                     if any(c is not None for c in clips) else None)  # (K,)
+        self._per_member_settings()
         self.eval_loss = build_eval_loss(cfg.train.loss, cfg.model.output)
         K = len(members)
         self.loss_sum = torch.zeros(K, device=device)  # (K,) summed per-sample training loss, this epoch
@@ -144,7 +78,7 @@ class Population:
         self.epoch = self.step = self.batch = 0
         self.train_seconds = 0.0
         if resumed:
-            self._restore_position(resumed)
+            self._start_sums = restore_position(self, resumed)
         for m, folder in zip(members, folders):  # last: every check has passed, now claim the folders
             if folder is None:
                 m.folder = rundir.new_run_dir(m.cfg.checkpoint.dir, m.cfg.name)
@@ -153,40 +87,32 @@ class Population:
                 rundir.check_writable(m.folder)
                 rundir.claim_existing(m.folder)
 
-    # ------------------------------------------------------------------ restore
-    def _restore_member(self, m: Member, path: Path, payload: checkpoint.Payload) -> None:
-        """Member m's weights (before they are stacked), monitor, data order and rows from its checkpoint."""
-        if tuple(payload["input_shape"]) != self.data.input_shape:
-            raise CheckpointError(f"{path}: trained on {tuple(payload['input_shape'])} images, the data now is "
-                                  f"{self.data.input_shape}")
-        load_model_state(m.model, payload["model"], path)
-        m.monitor = Monitor(m.cfg, m.val is not None, payload["best"])
-        rng = payload["rng"]
-        m.batcher.generator.set_state(rng["batcher"])  # mid-epoch: the state before the epoch drew its order
-        m.torch_rng = rng["torch"]
-        m.epoch_rng = rng["batcher"] if payload.get("in_epoch") else None
-        m.epochs_done, m.steps_done = payload["epoch"], payload["step"]
-        m.rows = rundir.read_metrics(path.parent / "metrics.csv", payload["epoch"])
-        saved = payload["metrics"]
-        if "lr" in saved and (not m.rows or int(m.rows[-1]["epoch"]) < payload["epoch"]):
-            m.rows.append(rundir.metrics_row(payload["epoch"], payload["step"], saved))  # killed before metrics.csv
+    def _build_members(self, folds, on_epoch, resumed) -> tuple[list[Member], list[torch.Tensor]]:
+        """Each member set up exactly as a lone train() sets it up (or restored from its checkpoint), and its
+        training indices into the shared data."""
+        members, train_idx, data, device = [], [], self.data, self.device
+        for i, c in enumerate(self.configs):
+            seed_everything(c.seed)
+            model = build_model(c, data.input_shape, device)
+            idx, val = data.member_split(c, folds[i])
+            if standardizes(c):
+                model.encoding.set_stats(data.x.index_select(0, idx))  # the same tensor a lone run's train.x is
+            members.append(Member(c, model, build_optimizer(model.parameters(), c.optim, device),
+                                  Batcher(idx.shape[0], self.B, device, c.seed), val, Monitor(c, val is not None),
+                                  torch.get_rng_state(), Path(), on_epoch[i] if on_epoch else None,
+                                  fold=folds[i]))
+            if resumed:
+                restore_member(self, members[-1], *resumed[i])
+            train_idx.append(idx)
+        return members, train_idx
 
-    def _restore_position(self, resumed: Sequence[tuple[Path, checkpoint.Payload]]) -> None:
-        """The population's position, each member's optimiser state and partial-epoch loss sums."""
-        path, first = resumed[0]
-        in_epoch = first.get("in_epoch") or {}
-        if first["steps_per_epoch"] != self.steps_per_epoch:
-            raise CheckpointError(f"{path}: saved with {first['steps_per_epoch']} steps per epoch; the config now "
-                                  f"makes {self.steps_per_epoch} (train.batch_size or the data changed); a population "
-                                  f"resumes with its own settings (resume a member alone to change them)")
-        self.epoch, self.step, self.batch = first["epoch"], first["step"], int(in_epoch.get("batch", 0))
-        self.opt.restart_at(self.step)
-        for k, (p, payload) in enumerate(resumed):
-            self.opt.load_member_state(k, payload["optimizer"], p)
-            ie = payload.get("in_epoch") or {}
-            self.loss_sum[k] = float(ie.get("loss_sum", 0.0))
-            self.ce_sum[k] = float(ie.get("ce_sum", 0.0))
-        self._start_sums = self.loss_sum.tolist()  # the TensorBoard points of the epoch in progress start here
+    def _per_member_settings(self) -> None:
+        """Label smoothing and gradient clipping per member, (K,) device tensors (None when no member uses it)."""
+        smooth = [c.train.label_smoothing for c in self.configs]
+        self.smoothing = torch.tensor(smooth, device=self.device) if any(smooth) else None  # (K,)
+        clips = [c.train.grad_clip for c in self.configs]
+        self.clip = (torch.tensor([c if c is not None else math.inf for c in clips], device=self.device)
+                     if any(c is not None for c in clips) else None)  # (K,)
 
     _start_sums: Optional[list] = None
 
@@ -322,7 +248,7 @@ class Population:
                 m.events.epoch(self.epoch, self.step, metrics, step_losses(
                     self._snap_steps, own, start, self._snap_from, self.B, self.n_used,
                     end=(self.step, read[mine])))
-            self._say(m, runrecord.epoch_line(self.epoch, self._epochs_planned(), metrics, improved))
+            self._say(m, runrecord.epoch_line(self.epoch, self.epochs_planned(), metrics, improved))
             warning = runrecord.vanishing_warning(norms)
             if warning is not None and not m.warned:
                 m.warned = True
@@ -443,7 +369,7 @@ class Population:
                     return
                 plot_run(m.folder)
 
-    def _epochs_planned(self) -> int:
+    def epochs_planned(self) -> int:
         """The epoch count shown in the epoch lines, as train() counts it."""
         return self.epoch + max(0, -(-(self.total_steps - self.step) // self.steps_per_epoch))
 

@@ -19,7 +19,8 @@ from dlbase.core.errors import ConfigError, TrainingDiverged
 from dlbase.core.schema import OPTIM_INFO
 from dlbase.population.stacked import activation_bytes_per_member, state_bytes_per_member
 from dlbase.population.data import PopulationData, load_population_data  # noqa: F401 - the entry points' names
-from dlbase.population.loop import MemberResult, Population
+from dlbase.population.loop import Population
+from dlbase.population.member import MemberResult
 
 # The keys that must agree for configs to share one stacked model and one step (dotted, as in a config file).
 # Everything else (lr and schedule, weight decay, momentum, betas, eps, alpha, rho, dropout, label smoothing,
@@ -130,7 +131,7 @@ def train_population(configs: Sequence[Config], folders: Optional[Sequence[Optio
     data.val_size split); on_epoch: per member, as train()'s: (epoch, metrics) -> True to prune it; data: the
     dataset already on the device (load_population_data), shared by several calls; record: what
     `dlbase train --resume` needs to go on with the whole population (train_seeds' {"test": ...}), written into
-    each member's folder as population.json; stepper: how members are stacked (loop.STEPPERS)."""
+    each member's folder as population.json; stepper: how members are stacked (steppers.STEPPERS)."""
     from dlbase.training.engine import plan_run, resolve_device
     from dlbase.training.phases import Phases
     check_population(configs, folds, folders)

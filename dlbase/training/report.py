@@ -9,6 +9,8 @@ import torch
 from dlbase.core.errors import DlbaseError
 from dlbase.core.rundir import read_metrics as read_rows, write_atomic
 
+PLOTS = ("curves.png", "gradnorms.png")  # what plot_run draws into a run folder
+
 
 LEGEND_ROWS = 16  # entries in one legend column that fit beside a 4.2-inch-high plot at font size 8
 
@@ -66,7 +68,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     epochs = [int(r["epoch"]) for r in rows]
-    curves, gradnorms = run_dir / "curves.png", run_dir / "gradnorms.png"
+    curves, gradnorms = (run_dir / name for name in PLOTS)
     _save(plt, _curves(plt, rows, epochs, run_dir.name), curves)
     _save(plt, _norms(plt, rows, epochs, run_dir.name), gradnorms)
     return [curves, gradnorms]

@@ -4,10 +4,8 @@ validation, logging and checkpoints happen at boundaries."""
 from __future__ import annotations
 
 import math
-import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,7 +16,7 @@ from dlbase.core import rundir
 from dlbase.core.config import Config, to_yaml
 from dlbase.core.data import Batcher, Dataset, load_dataset
 from dlbase.training.engine import Engine, plan_run, resolve_device, set_matmul_precision
-from dlbase.core.errors import CheckpointError, TrainingDiverged
+from dlbase.core.errors import TrainingDiverged
 from dlbase.training.evaluate import evaluate
 from dlbase.core.loss import build_eval_loss, build_loss
 from dlbase.core.model import build_model, standardizes
@@ -26,44 +24,10 @@ from dlbase.core.optim import build_optimizer, build_schedule
 from dlbase.training.phases import Phases
 from dlbase.training.preempt import Preemption
 from dlbase.core.backprop import layer_norms
-from dlbase.training.state import Monitor, load_model_state, load_optimizer_state, restore_rng, rng_state
+from dlbase.training.state import Monitor, rng_state
+from dlbase.training.resume import nothing_to_do, restore, resume_folder
+from dlbase.training.progress import Bar, Progress, RunResult, seed_everything, step_losses  # noqa: F401 - the loop's names
 
-PLOTS = ("curves.png", "gradnorms.png")
-
-
-def seed_everything(seed: int) -> None:
-    """The one place global RNGs are seeded (weight init, dropout)."""
-    random.seed(seed)
-    torch.manual_seed(seed)  # seeds every CUDA device too
-
-
-@dataclass
-class RunResult:
-    folder: Path
-    epochs_done: int
-    best_metric: str
-    best_value: float
-    best_epoch: int
-    last_metrics: dict
-    train_seconds: float = 0.0  # the training steps of this call (no validation, checkpoints or start-up)
-    status: str = "finished"  # finished | early_stopped | pruned | preempted | nothing_to_do
-    exit_code: int = 0  # 143 (SIGTERM) or 130 (SIGINT) when preempted
-
-
-@dataclass
-class Progress:
-    """Where the run is. epoch: completed epochs; step: optimiser steps taken; batch: batches of the epoch in
-    progress already trained (0 between epochs); epoch_rng: the data order's generator state before the epoch
-    in progress drew its permutation (what a mid-epoch checkpoint stores to redraw it)."""
-    epoch: int = 0
-    step: int = 0
-    batch: int = 0
-    epoch_rng: Optional[torch.Tensor] = None
-    status: str = "running"  # running | finished | early_stopped | pruned | preempted
-    train_seconds: float = 0.0  # training steps of this process
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "batch": self.batch, "status": self.status}
 
 
 class Trainer:
@@ -105,7 +69,7 @@ class Trainer:
         with phases("set-up"):
             self._build()
             if self.payload is not None:
-                self._restore(self.payload, self.resume)  # before any file is written: a refusal leaves no trace
+                restore(self, self.payload, self.resume)  # before any file is written: a refusal leaves no trace
             self.folder = self._run_folder(folder)
             self._build_engine()
 
@@ -160,55 +124,13 @@ class Trainer:
         Every rank agrees on rank 0's choice."""
         if self.group.main:
             if folder is None and self.resume is not None:
-                folder = self._resume_folder(Path(self.resume))
+                folder = resume_folder(self, Path(self.resume))
             if folder is None:
                 folder = rundir.new_run_dir(self.cfg.checkpoint.dir, self.cfg.name)
             else:
                 rundir.check_writable(Path(folder))
                 rundir.claim_existing(Path(folder))
         return Path(self.group.broadcast(str(folder) if self.group.main else None))
-
-    def _resume_folder(self, path: Path) -> Path:
-        """Go on in the checkpoint's folder when it is that run's newest checkpoint; otherwise branch into a new
-        folder beside it, so the run's later history (last.ckpt, metrics.csv) is never rewritten."""
-        folder = path.parent
-        try:
-            newest, newest_payload = checkpoint.newest(folder)
-        except CheckpointError:
-            return folder
-        if newest.resolve() == path.resolve() or self.payload["step"] >= newest_payload["step"]:
-            return folder
-        branch = rundir.new_run_dir(folder.parent, folder.name)
-        self.log(f"{path} is not the newest checkpoint of {folder} ({newest.name} is further along): branching "
-                 f"into {branch}, so {folder} keeps its later history")
-        return branch
-
-    # ------------------------------------------------------------------ restore
-    def _restore(self, payload: checkpoint.Payload, path: Optional[Path]) -> None:
-        """Model, optimiser, RNGs, monitor and position from a checkpoint, checked against this config."""
-        if tuple(payload["input_shape"]) != self.data.input_shape:
-            raise CheckpointError(f"{path}: trained on {tuple(payload['input_shape'])} images, the data now is "
-                                  f"{self.data.input_shape}")
-        load_model_state(self.model, payload["model"], path)
-        saved_optim = (payload["config"].get("optim") or {}).get("name") if isinstance(payload["config"], dict) else None
-        if saved_optim not in (None, self.cfg.optim.name):
-            self.log(f"optim.name is {self.cfg.optim.name} now, {saved_optim} in {path}: the new optimiser starts "
-                     f"fresh from the saved weights")
-        else:
-            load_optimizer_state(self.optimizer, payload["optimizer"], path, self.cfg)
-        epoch, step, saved_spe = payload["epoch"], payload["step"], payload["steps_per_epoch"]
-        in_epoch = payload.get("in_epoch")
-        if saved_spe != self.steps_per_epoch:
-            if in_epoch:
-                raise CheckpointError(f"{path}: saved mid-epoch with {saved_spe} steps per epoch; the config now "
-                                      f"makes {self.steps_per_epoch} (train.batch_size or the data changed); resume "
-                                      f"from an epoch's end, or with the run's own settings")
-            step = epoch * self.steps_per_epoch  # progress counts in epochs when the epoch's step count changed
-            self.log(f"{self.steps_per_epoch} steps per epoch now ({saved_spe} in {path}): going on after epoch "
-                     f"{epoch}, as step {step}")
-        restore_rng(payload["rng"], self.batcher, self.device, path)  # mid-epoch: the state at epoch start
-        self.progress = Progress(epoch=epoch, step=step, batch=in_epoch["batch"] if in_epoch else 0)
-        self.monitor = Monitor(self.cfg, self.data.val is not None, payload["best"])
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> RunResult:
@@ -223,7 +145,7 @@ class Trainer:
                     self.rows.append(rundir.metrics_row(self.payload["epoch"], self.payload["step"], saved))
                 self.log(f"resuming {self.folder} from {self.resume} (epoch {p.epoch}, step {p.step})")
             if p.step >= self.total_steps or self.monitor.should_stop:
-                result, ended = self._nothing_to_do(), True
+                result, ended = nothing_to_do(self), True
                 return result
             if self.group.main:
                 rundir.write_atomic(self.folder / "config.yaml", to_yaml(self.cfg), "config.yaml")
@@ -329,7 +251,7 @@ class Trainer:
             runrecord.save_epoch(self.folder, self.rows, ckpt, improved, self.phases)
         if self.events is not None:
             self.events.epoch(p.epoch, p.step, metrics, step_losses)
-        self.log(runrecord.epoch_line(p.epoch, self._epochs_planned(), metrics, improved))
+        self.log(runrecord.epoch_line(p.epoch, self.epochs_planned(), metrics, improved))
         if self.group.broadcast(self.monitor.should_stop):  # rank 0 decides for all: no rank left waiting
             self.log(runrecord.early_stop_line(self.monitor))
             p.status = "early_stopped"
@@ -347,12 +269,12 @@ class Trainer:
             p.status = "finished"
         self._mark(p.status)
         if self.events is not None:  # hparams and the run's final metrics, in its own event file
-            self.events.finish(self._result(self.preempt.exit_code if p.status == "preempted" else 0))
+            self.events.finish(self.result(self.preempt.exit_code if p.status == "preempted" else 0))
         if p.status == "preempted":
             self.log(f"{runrecord.stopped_line(self.preempt.signum, p.step, p.epoch, p.batch, self.steps_per_epoch)}; "
                      f"everything up to it is in {folder / 'last.ckpt'}. To go on:")
             self.log(f"  dlbase train --resume {rundir.quote(folder / 'last.ckpt')}")
-            return self._result(self.preempt.exit_code)
+            return self.result(self.preempt.exit_code)
         peak = (f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB"
                 if self.device.type == "cuda" else "")
         best = folder / "best.ckpt"
@@ -368,25 +290,9 @@ class Trainer:
             with self.phases("plots"):
                 plot_run(folder)  # curves.png, gradnorms.png; a write failure is one line (exit 2), the run is saved
         self.log(self.phases.line())
-        return self._result(0)
+        return self.result(0)
 
-    def _nothing_to_do(self) -> RunResult:
-        p, t = self.progress, self.cfg.train
-        if self.monitor.should_stop:
-            why, how = "stopped early", "raise train.early_stop.patience (or set it to null)"
-        elif t.max_steps is not None:
-            why = f"finished {p.step} of train.max_steps={t.max_steps} steps"
-            how = "raise train.max_steps (--set train.max_steps=N), or train by epochs (--set train.max_steps=null)"
-        else:
-            why, how = f"finished {p.epoch} of train.epochs={t.epochs} epochs", "raise train.epochs (--set train.epochs=N)"
-        self.log(f"nothing to do: the run in {self.folder} {why}; {how} to train on")
-        self.progress.status = "nothing_to_do"
-        if self.rows and self.group.main and not all((self.folder / n).exists() for n in PLOTS):
-            from dlbase.training.report import plot_run
-            plot_run(self.folder)  # a run stopped between its last checkpoint and its plots
-        return self._result(0)
-
-    def _result(self, exit_code: int) -> RunResult:
+    def result(self, exit_code: int) -> RunResult:
         p, m = self.progress, self.monitor
         return RunResult(self.folder, p.epoch, m.metric, m.value, m.epoch, self.rows[-1] if self.rows else {},
                          p.train_seconds, p.status, exit_code)
@@ -423,7 +329,7 @@ class Trainer:
             raise TrainingDiverged(runrecord.diverged_text(p.epoch + 1, p.step, self.schedule(max(0, p.step - 1)),
                                                            runrecord.kept_text(self.folder)))
 
-    def _on_step(self, step: int, bar: "_Bar") -> None:
+    def _on_step(self, step: int, bar: "Bar") -> None:
         """After each step is launched (host only): the bar, and every log_every steps a device-to-device copy of
         the epoch's running loss sum, read with the epoch's one sync (TensorBoard's training-loss points)."""
         bar.on_step(step)
@@ -458,58 +364,14 @@ class Trainer:
             self._warned = True
             self.log(warning)
 
-    def _epochs_planned(self) -> int:
+    def epochs_planned(self) -> int:
         """The epoch count shown in the epoch lines: the last may be partial when max_steps decides."""
         p = self.progress
         return p.epoch + max(0, -(-(self.total_steps - p.step) // self.steps_per_epoch))
 
-    def _bar(self, n_steps: int) -> "_Bar":
+    def _bar(self, n_steps: int) -> "Bar":
         show = sys.stderr.isatty() and self.group.main  # a live bar only on a terminal; logs get epoch lines
-        return _Bar(self, n_steps, show)
-
-
-def step_losses(snap_steps: list[int], snaps: list[float], start_sum: float, snap_from: tuple[int, int],
-                batch_size: int, n_used: int, end: Optional[tuple[int, float]] = None) -> list[tuple[int, float]]:
-    """(global step, mean training loss per sample of the steps since the previous point) for an epoch's
-    snapshots of its running loss sum taken after snap_steps (every train.log_every global steps); snap_from:
-    (the epoch's first global step, batches done before this process); end: (the epoch's last global step, its
-    whole loss sum), so the steps after the epoch's last snapshot get a point of their own at the epoch's end.
-    Every step is in exactly one point; a point never spans an epoch boundary."""
-    first, done_before = snap_from
-    out = []
-    prev_sum, prev_n = start_sum, min(done_before * batch_size, n_used)
-    if end is not None and (not snap_steps or snap_steps[-1] < end[0]):
-        snap_steps, snaps = [*snap_steps, end[0]], [*snaps, end[1]]
-    for step, total in zip(snap_steps, snaps):
-        n = min((step - first) * batch_size, n_used)
-        if n > prev_n:
-            out.append((step, (total - prev_sum) / (n - prev_n)))
-        prev_sum, prev_n = total, n
-    return out
-
-
-class _Bar:
-    """The per-epoch progress bar (tqdm), only on a terminal; its loss reading is one sync per log interval."""
-
-    def __init__(self, trainer: Trainer, n_steps: int, show: bool):
-        self.trainer, self.bar = trainer, None
-        if show:
-            from tqdm.auto import tqdm
-            p = trainer.progress
-            self.bar = tqdm(total=n_steps, initial=p.batch, desc=f"epoch {p.epoch + 1}/{trainer._epochs_planned()}",
-                            leave=False, unit="step")
-
-    def on_step(self, step: int) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(1)
-        t = self.trainer
-        if (step + 1) % t.cfg.train.log_every == 0 and t.engine.last_loss is not None:
-            self.bar.set_postfix(loss=f"{t.engine.last_loss.item():.4f}", lr=f"{t.schedule(step):.3g}")  # note: sync
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        return Bar(self, n_steps, show)
 
 
 def _no_log(line: str) -> None:
