@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -521,6 +522,12 @@ def test_a_signalled_seeds_population_resumes_with_one_command_as_if_never_stopp
         assert json.loads((folder / "status.json").read_text())["status"] == "finished"
     again = runner.invoke(app, ["train", "--resume", str(folders[0])])  # all done: nothing trains
     assert again.exit_code == 0 and "0 to go on, 3 already done" in again.output, again.output
+    shutil.rmtree(folders[2])  # a member deleted on purpose: the others still go on with one command
+    on = runner.invoke(app, ["train", "--resume", str(folders[0]), "--set", "train.epochs=3"])
+    assert on.exit_code == 0 and "not found, so not resumed" in on.output and "2 seeds:" in on.output, on.output
+    folders[2].mkdir()  # a member left without a checkpoint: one line saying how to go on, exit 2
+    stuck = runner.invoke(app, ["train", "--resume", str(folders[0]), "--set", "train.epochs=4"])
+    assert stuck.exit_code == 2 and "resume the others one by one" in stuck.output, stuck.output
 
 
 def test_the_vmap_stepper_takes_any_module_and_refuses_per_member_dropout(base):

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from dlbase.core.config import Config, to_dict
-from dlbase.core.errors import ConfigError, TrainingDiverged
+from dlbase.core.errors import CheckpointError, ConfigError, TrainingDiverged
 from dlbase.core.schema import OPTIM_INFO
 from dlbase.population.stacked import activation_bytes_per_member, state_bytes_per_member
 from dlbase.population.data import PopulationData, load_population_data  # noqa: F401 - the entry points' names
@@ -304,8 +304,17 @@ def resume_population(folder: Path, sets: Sequence[str] = (), log: Callable[[str
     members = population_of(folder)
     record = json.loads((folder / POPULATION_FILE).read_text())
     todo, results = [], {}
+    gone = [f for f in members if not f.is_dir()]
+    if gone:  # deleted on purpose, say: the others go on
+        log(f"not found, so not resumed: {', '.join(str(f) for f in gone)}")
+        members = [f for f in members if f.is_dir()]
     for f in members:
-        ckpt, payload = newest(f)  # CheckpointError (one line) when a member has no readable checkpoint
+        try:
+            ckpt, payload = newest(f)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; the population goes on only with every member's checkpoint: resume the "
+                                  f"others one by one (dlbase train --resume <folder>/last.ckpt), or delete "
+                                  f"{f} to go on without it") from None
         cfg = stored_config(payload, ckpt, sets)
         spe = payload["steps_per_epoch"]
         total = cfg.train.max_steps or cfg.train.epochs * spe
