@@ -232,10 +232,9 @@ class Population:
                 val = evaluate(m.model, m.val, self.eval_loss) if m.val is not None else None
             lr = self.schedules[self.all.index(m)](self.step - 1)
             norms = layer_norms(m.model)
-            metrics = {"train_loss": train_loss,
-                       **({"train_ce": ce_sums[self._was.index(m)] / max(1, self._seen)} if plain else {}),
-                       **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]} if val else {}),
-                       "lr": lr, "seconds": time.perf_counter() - self._t0, "train_seconds": share, **norms}
+            train_ce = ce_sums[self._was.index(m)] / max(1, self._seen) if plain else None
+            metrics = runrecord.epoch_metrics(train_loss, train_ce, val, lr, time.perf_counter() - self._t0, share,
+                                              norms)
             improved = m.monitor.update(metrics, self.epoch)
             m.epochs_done, m.steps_done = self.epoch, self.step
             payload = self._payload(m, k, metrics)

@@ -52,6 +52,17 @@ def payload(cfg: Config, input_shape, model: torch.nn.Module, optimizer_state: d
     return out
 
 
+def epoch_metrics(train_loss: float, train_ce: Optional[float], val: Optional[dict], lr: float, seconds: float,
+                  train_seconds: float, norms: dict) -> dict:
+    """An epoch's row of metrics.csv, as numbers (the checkpoint carries it too, so a run killed between its
+    checkpoint and metrics.csv gets the row back when it resumes): the training loss, the plain cross-entropy
+    beside label smoothing, validation loss and accuracy, the lr, the epoch's seconds and its training steps',
+    and each layer's gradient and weight norms."""
+    return {"train_loss": train_loss, **({"train_ce": train_ce} if train_ce is not None else {}),
+            **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]} if val else {}),
+            "lr": lr, "seconds": seconds, "train_seconds": train_seconds, **norms}
+
+
 def save_epoch(folder: Path, rows: list[dict], ckpt: checkpoint.Payload, improved: bool,
                timed: Timed = _untimed) -> None:
     """An epoch's files in the order that keeps a killed run resumable: best, then metrics, then last. A kill

@@ -239,11 +239,8 @@ class Trainer:
         lr = self.schedule(p.step - 1)
         norms = layer_norms(self.model)
         self._warn_vanishing(norms)
-        # the epoch's row of metrics.csv, as numbers; the checkpoint carries it too, so a run killed between its
-        # checkpoint and metrics.csv gets the row back when it resumes
-        metrics = {"train_loss": train_loss, **({"train_ce": train_ce} if train_ce is not None else {}),
-                   **({"val_loss": val["loss"], "val_accuracy": val["accuracy"]} if val else {}),
-                   "lr": lr, "seconds": time.perf_counter() - self._t0, "train_seconds": train_seconds, **norms}
+        metrics = runrecord.epoch_metrics(train_loss, train_ce, val, lr, time.perf_counter() - self._t0,
+                                          train_seconds, norms)
         improved = self.monitor.update(metrics, p.epoch)
         ckpt = self._payload(metrics)
         self.rows.append(rundir.metrics_row(p.epoch, p.step, metrics))
