@@ -31,7 +31,7 @@ from dlbase.population.data import PopulationData
 from dlbase.training.phases import Phases
 from dlbase.training.preempt import Preemption
 from dlbase.training.state import Monitor
-from dlbase.training.train import seed_everything, step_losses
+from dlbase.training.progress import run_epoch, run_epochs, seed_everything, step_losses
 
 EXIT_DIVERGED = 3  # TrainingDiverged's exit code
 
@@ -134,9 +134,8 @@ class Population:
                     from dlbase.training.tblog import open_events
                     m.events = open_events(m.folder, m.cfg, self.step, self.log)
             with Preemption() as self.preempt:
-                while self.step < self.total_steps and self.members:
-                    if self._train_epoch():
-                        self._end_epoch()
+                run_epochs(lambda: self.step < self.total_steps and bool(self.members), self._train_epoch,
+                           self._end_epoch)
             self.peak_bytes = self._peak_bytes(K0)
             results = [self._finish(m) for m in self.all]
             with self.phases("plots"):
@@ -155,35 +154,41 @@ class Population:
         if self.batch == 0:
             for m in self.members:
                 m.epoch_rng = m.batcher.generator.get_state()  # before this epoch's draw
-        t0 = time.perf_counter()
+        self._t0 = time.perf_counter()
         perms = torch.stack([m.batcher.perm()[:self.n_used] for m in self.members])  # (K, N) each member's order
         self._order = self.train_idx.gather(1, perms)  # (K, N) indices into data.x; batch b: [:, b*B:(b+1)*B]
         n_steps = min(self.steps_per_epoch, self.batch + self.total_steps - self.step)
         self._seen = min(self.n_used, n_steps * self.B)
         self._snap_list, self._snap_steps, self._snap_from = [], [], (self.step - self.batch, self.batch)
-        while self.batch < n_steps:
-            stop = n_steps if every is None else min(n_steps, self.batch + every - (self.step % every))
-            while self.batch < stop and not self.preempt.requested:  # a host flag: no sync
-                self._step(self._order[:, self.batch * self.B:(self.batch + 1) * self.B])
-                self.batch += 1
-                self.step += 1
-                if self.step % self.log_every == 0:
-                    self._snap_list.append(self.loss_sum.clone())  # (K,) device copy, read at the epoch's sync
-                    self._snap_steps.append(self.step)
-            if self.batch < n_steps:  # a mid-epoch boundary: every_steps reached, or asked to stop
-                self._count_seconds(time.perf_counter() - t0)
-                if not self._guard(self.loss_sum.tolist()):  # note: sync, at a checkpoint boundary
-                    return False
-                for k, m in enumerate(self.members):
-                    self._save(m, k, "last.ckpt", {})
-                if self.preempt.requested:
-                    for m in self.members:
-                        m.status = "preempted"
-                    self._drop()
-                    return False
-                t0 = time.perf_counter()
+        if not run_epoch(self, n_steps, every, self._advance, self._at_boundary):
+            return False
         self._snaps = torch.stack(self._snap_list) if self._snap_list else None  # (n_snaps, K)
-        self._t0 = t0
+        return True
+
+    def _advance(self, stop: int) -> None:
+        """Every member's steps up to batch `stop` of the epoch, or until a stop is asked for."""
+        while self.batch < stop and not self.preempt.requested:  # a host flag: no sync
+            self._step(self._order[:, self.batch * self.B:(self.batch + 1) * self.B])
+            self.batch += 1
+            self.step += 1
+            if self.step % self.log_every == 0:
+                self._snap_list.append(self.loss_sum.clone())  # (K,) device copy, read at the epoch's sync
+                self._snap_steps.append(self.step)
+
+    def _at_boundary(self) -> bool:
+        """A mid-epoch boundary (every_steps reached, or asked to stop): the NaN guard per member, every
+        member's last.ckpt, the stop."""
+        self._count_seconds(time.perf_counter() - self._t0)
+        if not self._guard(self.loss_sum.tolist()):  # note: sync, at a checkpoint boundary
+            return False
+        for k, m in enumerate(self.members):
+            self._save(m, k, "last.ckpt", {})
+        if self.preempt.requested:
+            for m in self.members:
+                m.status = "preempted"
+            self._drop()
+            return False
+        self._t0 = time.perf_counter()
         return True
 
     def _step(self, ids: torch.Tensor) -> None:

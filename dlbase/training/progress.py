@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -43,6 +43,28 @@ class Progress:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "batch": self.batch, "status": self.status}
+
+
+def run_epoch(pos, n_steps: int, every: Optional[int], advance: Callable[[int], None],
+              at_boundary: Callable[[], bool]) -> bool:
+    """The epoch in progress, for a single run and a population alike: train to its n_steps-th batch, stopping
+    at each mid-epoch checkpoint boundary (a multiple of checkpoint.every_steps global steps) or a stop request.
+    pos: where the run is (.batch of the epoch, .step global); advance(stop) trains batches up to `stop` (or
+    until a stop is asked for), moving pos; at_boundary() saves the mid-epoch checkpoints and says whether to go
+    on (False: a stop, or nothing left to train). True when the epoch's batches are done."""
+    while pos.batch < n_steps:
+        advance(n_steps if every is None else min(n_steps, pos.batch + every - (pos.step % every)))
+        if pos.batch < n_steps and not at_boundary():
+            return False
+    return True
+
+
+def run_epochs(more: Callable[[], bool], train_epoch: Callable[[], bool], end_epoch: Callable[[], None]) -> None:
+    """The loop over epochs: while more() (steps left, and something still training), train the epoch in
+    progress and, when it ran to its end, end it (validation, checkpoints, the decisions to stop)."""
+    while more():
+        if train_epoch():
+            end_epoch()
 
 
 def step_losses(snap_steps: list[int], snaps: list[float], start_sum: float, snap_from: tuple[int, int],

@@ -48,7 +48,20 @@ def flat_hparams(cfg: Config) -> dict[str, Any]:
 
 def _writer(folder: Path, purge_step: Optional[int] = None):
     from torch.utils.tensorboard import SummaryWriter
+    _after_earlier_files(folder)
     return SummaryWriter(log_dir=str(folder), purge_step=purge_step)
+
+
+def _after_earlier_files(folder: Path) -> None:
+    """TensorBoard reads a run's event files in name order, and SummaryWriter names each by the second it opened
+    it, then host and pid: a process that resumes the run within the same second as an earlier one could sort
+    before it (pids compare as text), and its curves and HParams would be read first. Wait into the next second
+    then (only then: a resume within a second of the previous start)."""
+    import time
+    seconds = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*")
+               if p.name != HPARAMS_FILE and len(p.name.split(".")) > 4 and p.name.split(".")[3].isdigit()]
+    if seconds and time.time() < max(seconds) + 1:
+        time.sleep(max(seconds) + 1 - time.time())
 
 
 HPARAMS_FILE = "events.out.tfevents.0000000000.dlbase-hparams"  # sorts before every SummaryWriter file

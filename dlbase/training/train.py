@@ -26,7 +26,8 @@ from dlbase.training.preempt import Preemption
 from dlbase.core.backprop import layer_norms
 from dlbase.training.state import Monitor, rng_state
 from dlbase.training.resume import nothing_to_do, restore, resume_folder
-from dlbase.training.progress import Bar, Progress, RunResult, seed_everything, step_losses  # noqa: F401 - the loop's names
+from dlbase.training.progress import (Bar, Progress, RunResult, run_epoch, run_epochs,  # noqa: F401 - the loop's names
+                                      seed_everything, step_losses)
 
 
 
@@ -157,9 +158,8 @@ class Trainer:
                 self.log(f"start-up: CUDA kernels loaded on a throwaway copy in {self.engine.prewarm_seconds:.2f}s")
             with Preemption() as self.preempt:
                 try:
-                    while p.step < self.total_steps and p.status == "running":
-                        if self._train_epoch():
-                            self._end_epoch()
+                    run_epochs(lambda: p.step < self.total_steps and p.status == "running", self._train_epoch,
+                               self._end_epoch)
                 except TrainingDiverged:
                     self._mark("diverged")
                     raise
@@ -205,20 +205,23 @@ class Trainer:
         bar = self._bar(n_steps)
         self._snap_steps: list[int] = []  # global steps (after the step) whose running loss sum was snapshot
         self._snap_from = (p.step - p.batch, p.batch)  # this epoch's first global step; batches done before this call
-        while p.batch < n_steps:
-            # run to the next mid-epoch checkpoint (a multiple of every_steps), the epoch's end, or a signal
-            stop = n_steps if every is None else min(n_steps, p.batch + every - (p.step % every))
+        def advance(stop: int) -> None:
             done = self.engine.epoch(perm, p.step, p.batch, stop, lambda s: self._on_step(s, bar), self._should_stop)
             p.batch += done
             p.step += done
-            if p.batch < n_steps:  # a mid-epoch boundary: every_steps reached, or asked to stop
-                self._check_finite()
-                self._save("last.ckpt", self._payload({}))
-                if self._stop_agreed:
-                    p.status = "preempted"
-                    break
+
+        run_epoch(p, n_steps, every, advance, self._at_boundary)
         bar.close()
         return p.status == "running"
+
+    def _at_boundary(self) -> bool:
+        """A mid-epoch boundary (every_steps reached, or asked to stop): the NaN guard, last.ckpt, the stop."""
+        self._check_finite()
+        self._save("last.ckpt", self._payload({}))
+        if self._stop_agreed:
+            self.progress.status = "preempted"
+            return False
+        return True
 
     def _end_epoch(self) -> None:
         """The epoch's one sync, validation, the metrics row, the monitor, then best -> metrics -> last."""
