@@ -247,7 +247,7 @@ class Population:
             runrecord.save_epoch(m.folder, m.rows, payload, improved, self.phases)
             if m.events is not None:
                 mine = self._was.index(m)
-                own = [row[mine] for row in _rows(snaps, len(self._was))]
+                own = snaps[mine::len(self._was)]  # its column of the flattened (n_snaps, K) snapshots
                 start = self._start_sums[self.all.index(m)] if self._start_sums else 0.0
                 m.events.epoch(self.epoch, self.step, metrics, step_losses(
                     self._snap_steps, own, start, self._snap_from, self.B, self.n_used,
@@ -390,11 +390,6 @@ class Population:
 
 
 PLOT_MEMBERS = 16  # a larger population draws no plots by itself (dlbase plot draws any member's)
-
-
-def _rows(flat: list[float], width: int) -> list[list[float]]:
-    """A flattened (n, width) table back into its rows."""
-    return [flat[i:i + width] for i in range(0, len(flat), width)]
 
 
 def peak_rss_bytes() -> int:
