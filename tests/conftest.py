@@ -8,7 +8,14 @@ import struct
 from pathlib import Path
 
 import pytest
-import torch
+
+# MKL may use fewer threads than asked when the machine is busy (MKL_DYNAMIC), and another thread count rounds a
+# float32 matmul differently: the tests that hold a resumed run to the uninterrupted one bit for bit, across
+# processes, would then fail on a busy machine for a reason that is not dlbase's. Fixed thread counts, here and in
+# every subprocess the tests start (they inherit the environment); set before torch loads MKL.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
