@@ -46,4 +46,4 @@ def restore_position(pop, resumed: Sequence[tuple[Path, checkpoint.Payload]]) ->
         ie = payload.get("in_epoch") or {}
         pop.loss_sum[k] = float(ie.get("loss_sum", 0.0))
         pop.ce_sum[k] = float(ie.get("ce_sum", 0.0))
-    return pop.loss_sum.tolist()  # the TensorBoard points of the epoch in progress start here
+    return pop.loss_sum.tolist()  # note: sync, once at resume: the epoch in progress's TensorBoard points start here
