@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -38,22 +38,87 @@ class Progress:
     step: int = 0
     batch: int = 0
     epoch_rng: Optional[torch.Tensor] = None
-    status: str = "running"  # running | finished | early_stopped | pruned | preempted
     train_seconds: float = 0.0  # training steps of this process
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "batch": self.batch, "status": self.status}
+
+@dataclass(frozen=True)
+class EpochSizes:
+    """How a run's epochs are cut. n_used: the samples an epoch trains on (batch norm cannot normalise a batch
+    of one: with a last batch of one, one random sample is left out of each epoch instead); steps_per_epoch:
+    batches of n_used; total_steps: train.max_steps, or train.epochs epochs."""
+    n_used: int
+    steps_per_epoch: int
+    total_steps: int
 
 
-def run_epoch(pos, n_steps: int, every: Optional[int], advance: Callable[[int], None],
-              at_boundary: Callable[[], bool]) -> bool:
+def epoch_sizes(cfg, n: int) -> EpochSizes:
+    """The EpochSizes of config cfg over a training set of n samples (a single run and a population alike)."""
+    B = cfg.train.batch_size
+    n_used = n - 1 if cfg.model.norm == "batch" and n % B == 1 and n > 1 else n
+    steps_per_epoch = -(-n_used // B)
+    return EpochSizes(n_used, steps_per_epoch, cfg.train.max_steps or cfg.train.epochs * steps_per_epoch)
+
+
+class Stepper(Protocol):
+    """What the loop needs of a step engine, for one model (training/engine.py's Engine) or K stacked members
+    (population/stepper.py's PopStepper): train batches of an epoch's order, with the loss sums on the device."""
+    loss_sum: torch.Tensor  # () or (K,): the epoch's summed per-sample training loss, read once per epoch
+    ce_sum: torch.Tensor  # the same for the plain cross-entropy (with label smoothing)
+
+    def epoch(self, order: torch.Tensor, step: int, start: int, stop: int, on_step: Callable[[int], None],
+              should_stop: Callable[[], bool]) -> int:
+        """Train batches start..stop-1 of order (batch `start` is global step `step`); on_step(global step) after
+        each is launched; should_stop() before each. Returns the batches trained."""
+
+
+class Snapshots:
+    """An epoch's running training-loss sums, copied on the device every train.log_every global steps (no sync)
+    and read with the epoch's one sync: TensorBoard's training-loss points. Rows are snapshots; each is shaped
+    like the stepper's loss_sum (() for one run, (K,) for a population)."""
+
+    def __init__(self, log_every: int, steps_per_epoch: int, like: torch.Tensor):
+        self.log_every = log_every
+        self.buf = torch.zeros((steps_per_epoch // log_every + 1, *like.shape), device=like.device)
+        self.steps: list[int] = []  # the global steps (after the step) whose running sum was copied
+        self.start = (0, 0)  # (the epoch's first global step, batches done before this process)
+
+    def begin(self, step: int, batch: int) -> None:
+        """A new stretch of the epoch in progress: global step `step`, `batch` of its batches done before."""
+        self.steps, self.start = [], (step - batch, batch)
+
+    def on_step(self, step: int, loss_sum: torch.Tensor) -> None:
+        """After global step `step` (0-based) was launched: copy the running sum every log_every steps."""
+        if (step + 1) % self.log_every == 0 and len(self.steps) < self.buf.shape[0]:
+            self.buf[len(self.steps)].copy_(loss_sum)
+            self.steps.append(step + 1)
+
+    def taken(self) -> torch.Tensor:
+        """The snapshots of this epoch, flattened (n_snaps * K,), to read with the epoch's sync."""
+        return self.buf[:len(self.steps)].flatten()
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Members idx stay (a population whose members leave mid-epoch): their columns of the snapshots."""
+        self.buf = self.buf.index_select(1, idx)
+
+    def losses(self, read: list[float], k: int, K: int, start_sum: float, batch_size: int, n_used: int,
+               end: tuple[int, float]) -> list[tuple[int, float]]:
+        """Member k's (of K; 0 of 1 for one run) training-loss points from the read snapshots (step_losses)."""
+        return step_losses(self.steps, read[k::K], start_sum, self.start, batch_size, n_used, end=end)
+
+
+def run_epoch(pos: Progress, n_steps: int, every: Optional[int], stepper: Stepper, order: Callable[[], torch.Tensor],
+              on_step: Callable[[int], None], should_stop: Callable[[], bool], at_boundary: Callable[[], bool]) -> bool:
     """The epoch in progress, for a single run and a population alike: train to its n_steps-th batch, stopping
     at each mid-epoch checkpoint boundary (a multiple of checkpoint.every_steps global steps) or a stop request.
-    pos: where the run is (.batch of the epoch, .step global); advance(stop) trains batches up to `stop` (or
-    until a stop is asked for), moving pos; at_boundary() saves the mid-epoch checkpoints and says whether to go
-    on (False: a stop, or nothing left to train). True when the epoch's batches are done."""
+    pos: where the run is (.batch of the epoch, .step global), moved by the steps trained; order(): the epoch's
+    sample order as the stepper takes it (asked again after each boundary: members may have left); at_boundary()
+    saves the mid-epoch checkpoints and says whether to go on (False: a stop, or nothing left to train). True
+    when the epoch's batches are done."""
     while pos.batch < n_steps:
-        advance(n_steps if every is None else min(n_steps, pos.batch + every - (pos.step % every)))
+        stop = n_steps if every is None else min(n_steps, pos.batch + every - (pos.step % every))
+        done = stepper.epoch(order(), pos.step, pos.batch, stop, on_step, should_stop)
+        pos.batch += done
+        pos.step += done
         if pos.batch < n_steps and not at_boundary():
             return False
     return True

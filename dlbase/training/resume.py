@@ -54,22 +54,23 @@ def restore(trainer, payload: checkpoint.Payload, path: Optional[Path]) -> None:
                  f"{epoch}, as step {step}")
     restore_rng(payload["rng"], trainer.batcher, trainer.device, path)  # mid-epoch: the state at epoch start
     trainer.progress = Progress(epoch=epoch, step=step, batch=in_epoch["batch"] if in_epoch else 0)
-    trainer.monitor = Monitor(trainer.cfg, trainer.data.val is not None, payload["best"])
+    trainer.run.monitor = Monitor(trainer.cfg, trainer.data.val is not None, payload["best"])
 
 
 def nothing_to_do(trainer) -> RunResult:
     """The run has reached train.epochs / train.max_steps or stopped early: say so and how to train on."""
     p, t = trainer.progress, trainer.cfg.train
-    if trainer.monitor.should_stop:
+    if trainer.run.monitor.should_stop:
         why, how = "stopped early", "raise train.early_stop.patience (or set it to null)"
     elif t.max_steps is not None:
         why = f"finished {p.step} of train.max_steps={t.max_steps} steps"
         how = "raise train.max_steps (--set train.max_steps=N), or train by epochs (--set train.max_steps=null)"
     else:
         why, how = f"finished {p.epoch} of train.epochs={t.epochs} epochs", "raise train.epochs (--set train.epochs=N)"
-    trainer.log(f"nothing to do: the run in {trainer.folder} {why}; {how} to train on")
-    trainer.progress.status = "nothing_to_do"
-    if trainer.rows and trainer.group.main and not all((trainer.folder / n).exists() for n in PLOTS):
+    run = trainer.run
+    trainer.log(f"nothing to do: the run in {run.folder} {why}; {how} to train on")
+    run.status = "nothing_to_do"
+    if run.rows and run.writes and not all((run.folder / n).exists() for n in PLOTS):
         from dlbase.training.report import plot_run
-        plot_run(trainer.folder)  # a run stopped between its last checkpoint and its plots
+        plot_run(run.folder)  # a run stopped between its last checkpoint and its plots
     return trainer.result(0)

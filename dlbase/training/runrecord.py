@@ -7,15 +7,16 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 
 from dlbase.training import checkpoint
 from dlbase.core import rundir
 from dlbase.core.backprop import VANISHING_RATIO
-from dlbase.core.config import Config, to_dict
+from dlbase.core.config import Config, to_dict, to_yaml
 
 Timed = Callable[[str], ContextManager]  # dlbase.training.phases.Phases, or nothing
 
@@ -97,8 +98,8 @@ def epoch_line(epoch: int, planned: int, metrics: dict, improved: bool) -> str:
 
 def vanishing_warning(norms: dict) -> Optional[str]:
     """The warning when the first layer's gradient norm is below VANISHING_RATIO of the last layer's, else None.
-    norms: backprop.layer_norms (grad_norm_i, weight_norm_i per Linear layer)."""
-    n_layers = len(norms) // 2
+    norms: backprop.layer_norms (grad_norm_i, weight_norm_i per layer), or an epoch's metrics that hold them."""
+    n_layers = sum(1 for key in norms if key.startswith("grad_norm_"))
     if n_layers < 2:
         return None
     first_g, last_g = norms["grad_norm_1"], norms[f"grad_norm_{n_layers}"]
@@ -137,3 +138,122 @@ def stopped_line(signum: int, step: int, epoch: int, batch: int, steps_per_epoch
     where = (f"in epoch {epoch + 1}, {batch} of its {steps_per_epoch} steps done" if batch
              else f"after epoch {epoch}")
     return f"stopped by {signal.Signals(signum).name} at step {step} ({where})"
+
+
+# ----------------------------------------------------------------------------- one run's record
+@dataclass(kw_only=True)
+class RunRecord:
+    """One run's own side of the loop, the same for a single run (training/train.py) and for each member of a
+    population (population/loop.py, whose Member extends it): its config, run folder, metrics rows, monitor,
+    TensorBoard events and status, and what it writes and says at each boundary, in that order."""
+    cfg: Config
+    monitor: Any  # training.state.Monitor: which epoch is best, early stopping's patience
+    folder: Optional[Path] = None  # claimed at set-up
+    on_epoch: Optional[Callable[[int, dict], bool]] = None  # (epoch, metrics) -> True to prune (a sweep's pruner)
+    log: Callable[[str], None] = print
+    prefix: str = ""  # before each line it says: "[name] " for a population's member
+    writes: bool = True  # rank 0 writes the files; under torchrun the other ranks only train
+    rows: list = field(default_factory=list)  # metrics.csv
+    events: Any = None  # its TensorBoard event log (training/tblog.py), when train.tensorboard and installed
+    status: str = "running"  # running | finished | early_stopped | pruned | preempted | diverged
+    warned: bool = False  # the vanishing-gradient warning is said once per process
+
+    def say(self, line: str) -> None:
+        self.log(self.prefix + line)
+
+    def claim(self, folder: Optional[Path]) -> Path:
+        """Its run folder: the one given (a sweep's trial, a resumed run's own), checked and claimed, or a new
+        <checkpoint.dir>/<name>[-N]."""
+        if folder is None:
+            self.folder = rundir.new_run_dir(self.cfg.checkpoint.dir, self.cfg.name)
+        else:
+            self.folder = Path(folder)
+            rundir.check_writable(self.folder)
+            rundir.claim_existing(self.folder)
+        return self.folder
+
+    def resume_rows(self, source: Path, payload: checkpoint.Payload) -> None:
+        """metrics.csv's rows up to the checkpoint's epoch, from the folder the checkpoint is in (a branch starts
+        from its parent's history), and the checkpoint's own row when a kill came between it and metrics.csv."""
+        self.rows = rundir.read_metrics(source / "metrics.csv", payload["epoch"])
+        saved = payload["metrics"]
+        if "lr" in saved and (not self.rows or int(self.rows[-1]["epoch"]) < payload["epoch"]):
+            self.rows.append(rundir.metrics_row(payload["epoch"], payload["step"], saved))
+
+    def start(self, step: int) -> None:
+        """Before the first step: config.yaml, and the TensorBoard event file when train.tensorboard."""
+        if not self.writes:
+            return
+        rundir.write_atomic(self.folder / "config.yaml", to_yaml(self.cfg), "config.yaml")
+        if self.cfg.train.tensorboard:
+            from dlbase.training.tblog import open_events
+            self.events = open_events(self.folder, self.cfg, step, self.log)
+
+    def end_epoch(self, epoch: int, step: int, planned: int, metrics: dict, ckpt: Callable[[], checkpoint.Payload],
+                  losses: list[tuple[int, float]], timed: Timed = _untimed) -> bool:
+        """An epoch's end: the monitor, the metrics row, best -> metrics -> last (ckpt() builds the checkpoint
+        after the monitor's update, so it holds the new best), TensorBoard (losses: the epoch's training-loss
+        points), the epoch line and the vanishing-gradient warning. True when the epoch is the best so far."""
+        improved = self.monitor.update(metrics, epoch)
+        payload_ = ckpt()
+        self.rows.append(rundir.metrics_row(epoch, step, metrics))
+        if self.writes:
+            save_epoch(self.folder, self.rows, payload_, improved, timed)
+        if self.events is not None:
+            self.events.epoch(epoch, step, metrics, losses)
+        self.say(epoch_line(epoch, planned, metrics, improved))
+        warning = vanishing_warning(metrics)
+        if warning is not None and not self.warned:
+            self.warned = True
+            self.say(warning)
+        return improved
+
+    def decide(self, epoch: int, metrics: dict, more: bool, stop: Callable[[], bool],
+               agree: Callable[[bool], bool] = bool) -> None:
+        """After an epoch's files, whether it stops: early (patience), on a signal (the epoch's checkpoint is the
+        stop; with the run's last step it is finished instead), or as the sweep's pruner says. more: steps are
+        left; agree: the ranks' agreement on early stopping under torchrun (rank 0 decides for all)."""
+        if agree(self.monitor.should_stop):
+            self.say(early_stop_line(self.monitor))
+            self.status = "early_stopped"
+        elif more and stop():
+            self.status = "preempted"
+        elif self.on_epoch is not None and more and self.on_epoch(epoch, metrics):
+            self.say(pruned_line(epoch))
+            self.status = "pruned"
+
+    def mark(self, step: int) -> None:
+        """status.json with its status (rank 0)."""
+        if self.writes:
+            mark(self.folder, self.status, step)
+
+    def finish(self, result, step: int, stopped: str, spent: str, how_to_go_on: bool = True) -> None:
+        """Its end (a diverged run's was said when it diverged): status.json, TensorBoard's HParams, and what
+        it says: after a signal, where everything is (stopped: stopped_line's words) and, how_to_go_on, the
+        command; else the best epoch and how to test it. spent: e.g. "training steps 1.23s"."""
+        if self.status == "running":
+            self.status = "finished"
+        if self.status == "diverged":
+            return
+        self.mark(step)
+        if self.events is not None:
+            self.events.finish(result)
+        last, best = self.folder / "last.ckpt", self.folder / "best.ckpt"
+        if self.status == "preempted":
+            self.say(f"{stopped}; everything up to it is in {last}" + (". To go on:" if how_to_go_on else ""))
+            if how_to_go_on:
+                self.say(f"  dlbase train --resume {rundir.quote(last)}")
+        elif best.exists():
+            self.say(f"done: {self.monitor.describe()} -> {best}  ({spent})")
+            self.say(f"test it: dlbase eval {rundir.quote(best)}")
+        else:  # resumed from a checkpoint copied here: the best epoch was saved in the folder it came from
+            self.say(f"done: {self.monitor.describe()}, saved before this folder was used (no best.ckpt here); "
+                     f"the last weights: {last}  ({spent})")
+            self.say(f"test it: dlbase eval {rundir.quote(last)}")
+
+    def close(self) -> None:
+        """Its event file closed; a folder that holds nothing yet given back."""
+        if self.events is not None:
+            self.events.close()
+        if self.writes and self.folder is not None:
+            rundir.remove_if_empty(self.folder)
