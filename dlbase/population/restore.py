@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from dlbase.core import rundir
 from dlbase.core.errors import CheckpointError
 from dlbase.training import checkpoint
 from dlbase.training.state import Monitor, load_model_state
@@ -25,10 +24,7 @@ def restore_member(pop, m, path: Path, payload: checkpoint.Payload) -> None:
     m.torch_rng = rng["torch"]
     m.epoch_rng = rng["batcher"] if payload.get("in_epoch") else None
     m.epochs_done, m.steps_done = payload["epoch"], payload["step"]
-    m.rows = rundir.read_metrics(path.parent / "metrics.csv", payload["epoch"])
-    saved = payload["metrics"]
-    if "lr" in saved and (not m.rows or int(m.rows[-1]["epoch"]) < payload["epoch"]):
-        m.rows.append(rundir.metrics_row(payload["epoch"], payload["step"], saved))  # killed before metrics.csv
+    m.resume_rows(path.parent, payload)
 
 
 def restore_position(pop, resumed: Sequence[tuple[Path, checkpoint.Payload]]) -> list[float]:
@@ -39,11 +35,12 @@ def restore_position(pop, resumed: Sequence[tuple[Path, checkpoint.Payload]]) ->
         raise CheckpointError(f"{path}: saved with {first['steps_per_epoch']} steps per epoch; the config now "
                               f"makes {pop.steps_per_epoch} (train.batch_size or the data changed); a population "
                               f"resumes with its own settings (resume a member alone to change them)")
-    pop.epoch, pop.step, pop.batch = first["epoch"], first["step"], int(in_epoch.get("batch", 0))
-    pop.opt.restart_at(pop.step)
+    position, st = pop.progress, pop.stepper
+    position.epoch, position.step, position.batch = first["epoch"], first["step"], int(in_epoch.get("batch", 0))
+    st.opt.restart_at(position.step)
     for k, (p, payload) in enumerate(resumed):
-        pop.opt.load_member_state(k, payload["optimizer"], p)
+        st.opt.load_member_state(k, payload["optimizer"], p)
         ie = payload.get("in_epoch") or {}
-        pop.loss_sum[k] = float(ie.get("loss_sum", 0.0))
-        pop.ce_sum[k] = float(ie.get("ce_sum", 0.0))
-    return pop.loss_sum.tolist()  # note: sync, once at resume: the epoch in progress's TensorBoard points start here
+        st.loss_sum[k] = float(ie.get("loss_sum", 0.0))
+        st.ce_sum[k] = float(ie.get("ce_sum", 0.0))
+    return st.loss_sum.tolist()  # note: sync, once at resume: the epoch in progress's TensorBoard points start here

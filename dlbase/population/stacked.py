@@ -16,13 +16,14 @@ import torch.nn.functional as F
 
 from dlbase.core.encoding import NoEncoding
 from dlbase.core.loss import outputs
-from dlbase.core.model import ACTIVATIONS, MLP, zero_grad_before_batch_norm
+from dlbase.core.model import ACTIVATIONS, MLP
 from dlbase.core.schema import ModelConfig
+from dlbase.population.base import MemberStack
 
 BN_EPS, BN_MOMENTUM, LN_EPS = 1e-5, 0.1, 1e-5  # torch's BatchNorm1d / LayerNorm defaults, which MLP uses
 
 
-class StackedMLP:
+class StackedMLP(MemberStack):
     """params[i]: (K, *shape) leaf tensors, in MLP.parameters() order (encoding's, then each hidden layer's
     Linear weight, bias, [norm weight, bias], then the output Linear's); buffers[j] likewise, MLP.buffers()."""
 
@@ -41,12 +42,7 @@ class StackedMLP:
         self.p_drop = torch.tensor([c.dropout for c in cfgs], device=self.params[0].device)  # (K,)
         names = [n for n, _ in first.named_parameters()]
         self.exact_zero_grad = [names.index(n) for n in first.exact_zero_grad]  # indices into params
-        self._hook_batch_norm_biases()
-
-    def _hook_batch_norm_biases(self) -> None:
-        """As MLP does: the stacked bias of each Linear before a batch norm gets an exact zero gradient."""
-        for i in self.exact_zero_grad:
-            zero_grad_before_batch_norm(self.params[i])
+        self._hook_exact_zeros()
 
     # ---- forward
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,28 +94,10 @@ class StackedMLP:
             mean, var = rm.unsqueeze(1), rv.unsqueeze(1)
         return (h - mean) * torch.rsqrt(var + BN_EPS) * w.unsqueeze(1) + b.unsqueeze(1)
 
-    # ---- members in and out
-    @torch.no_grad()
-    def to_member(self, k: int, model: MLP, grads: bool = True) -> None:
-        """Copy member k's weights, buffers (and last gradients) into its own MLP (same parameter order)."""
-        for tp, sp in zip(model.parameters(), self.params):
-            tp.copy_(sp[k])
-            if grads:
-                tp.grad = sp.grad[k].clone() if sp.grad is not None else None
-        for tb, sb in zip(model.buffers(), self.buffers):
-            tb.copy_(sb[k])
-
+    # ---- members in and out (to_member and nbytes: MemberStack's)
     def keep(self, idx: torch.Tensor) -> None:
-        """Keep only members idx ((K',) long): new leaf tensors, cut along the member axis."""
-        self.params = [p.detach().index_select(0, idx).requires_grad_() for p in self.params]
-        self.buffers = [b.index_select(0, idx) for b in self.buffers]
+        super().keep(idx)
         self.p_drop = self.p_drop.index_select(0, idx)
-        self.K = idx.shape[0]
-        self._hook_batch_norm_biases()
-
-    def nbytes(self) -> int:
-        """Bytes of the stacked parameters and buffers (all members)."""
-        return sum(t.numel() * t.element_size() for t in (*self.params, *self.buffers))
 
 
 def member_losses(logits: torch.Tensor, y: torch.Tensor, loss: str, output: str,

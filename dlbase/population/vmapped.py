@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from dlbase.core.errors import ConfigError
-from dlbase.core.model import zero_grad_before_batch_norm
 from dlbase.core.schema import ModelConfig
+from dlbase.population.base import MemberStack
 
 
-class VmappedModel:
+class VmappedModel(MemberStack):
     """params[i]: (K, *shape) leaf tensors in model.parameters() order; buffers[j] likewise, model.buffers()."""
 
     def __init__(self, models: Sequence[nn.Module], cfgs: Sequence[ModelConfig]):
@@ -39,10 +39,6 @@ class VmappedModel:
         self.exact_zero_grad = [names.index(n) for n in getattr(first, "exact_zero_grad", ())]
         self._hook_exact_zeros()
 
-    def _hook_exact_zeros(self) -> None:
-        for i in self.exact_zero_grad:
-            zero_grad_before_batch_norm(self.params[i])
-
     def forward(self, x: torch.Tensor, training: bool = True) -> torch.Tensor:
         """x (K, B, ...) -> logits (K, B, C): member k's forward with its own tensors on its own batch x[k]."""
         self.template.train(training)
@@ -51,24 +47,3 @@ class VmappedModel:
             return torch.func.functional_call(self.template, (params, buffers), (xk,))
         return torch.func.vmap(one, randomness="different")(dict(zip(self.names, self.params)),
                                                             dict(zip(self.buffer_names, self.buffers)), x)
-
-    @torch.no_grad()
-    def to_member(self, k: int, model: nn.Module, grads: bool = True) -> None:
-        """Copy member k's weights, buffers (and last gradients) into its own model (same parameter order)."""
-        for tp, sp in zip(model.parameters(), self.params):
-            tp.copy_(sp[k])
-            if grads:
-                tp.grad = sp.grad[k].clone() if sp.grad is not None else None
-        for tb, sb in zip(model.buffers(), self.buffers):
-            tb.copy_(sb[k])
-
-    def keep(self, idx: torch.Tensor) -> None:
-        """Keep only members idx ((K',) long): new leaf tensors, cut along the member axis."""
-        self.params = [p.detach().index_select(0, idx).requires_grad_() for p in self.params]
-        self.buffers = [b.index_select(0, idx) for b in self.buffers]
-        self.K = idx.shape[0]
-        self._hook_exact_zeros()
-
-    def nbytes(self) -> int:
-        """Bytes of the stacked parameters and buffers (all members)."""
-        return sum(t.numel() * t.element_size() for t in (*self.params, *self.buffers))
