@@ -303,7 +303,11 @@ def test_cuda_generator_draws_the_same_eagerly_and_in_a_cuda_graph():
     g = gen(5, "cuda")
     eager_g = twin(g)
     assert torch.equal(augment(x, twin(g), FULL), augment(x, twin(g), FULL))
-    run_steps(x, g, 2)  # warm-up on the side stream, as the engine does: real steps
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as the engine's _capture does: real steps
+        run_steps(x, g, 2)
+    torch.cuda.current_stream().wait_stream(side)
     run_steps(x, eager_g, 2)
     graph = torch.cuda.CUDAGraph()
     with warnings.catch_warnings():  # a deprecated no-op where torch registers generators itself
