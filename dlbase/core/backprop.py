@@ -10,7 +10,6 @@ For a layer j with inputs o_i, pre-activation z_j = sum_i w_ij o_i + b_j and out
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,25 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlbase.core.activations import ACTIVATIONS  # the shared table (f, f'); convprop.py reads it too
 from dlbase.core.config import ModelConfig
-
-
-def _sig(z: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(z)
-
-
-# activation name -> (f(z), f'(z)), written out
-ACTIVATIONS = {
-    "sigmoid": (_sig, lambda z: _sig(z) * (1 - _sig(z))),
-    "tanh": (torch.tanh, lambda z: 1 - torch.tanh(z) ** 2),
-    "relu": (torch.relu, lambda z: (z > 0).to(z.dtype)),
-    "leaky_relu": (lambda z: F.leaky_relu(z, 0.01), lambda z: torch.where(z > 0, torch.ones_like(z),
-                                                                          torch.full_like(z, 0.01))),
-    # exact GELU: z * Phi(z); derivative Phi(z) + z * phi(z)
-    "gelu": (lambda z: 0.5 * z * (1 + torch.erf(z / math.sqrt(2))),
-             lambda z: 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)),
-    "silu": (lambda z: z * _sig(z), lambda z: _sig(z) * (1 + z * (1 - _sig(z)))),
-}
 
 
 def unsupported(cfg: ModelConfig) -> Optional[str]:
