@@ -138,9 +138,19 @@ def _texts(x: float) -> list[str]:
     return [repr(x), f"{x:.16e}", f"  {x!r}\n", f"+{x!r}" if x >= 0 else repr(x)]
 
 
+def _section_list_values(m) -> list:
+    """A list of sections (model.conv): the list's own edges, and each inner key's edge values in a list of one."""
+    n = m["max_len"]
+    inner = [[{path[-1]: v}] for path, g, t in _leaves(m["item_type"]) for v in edge_values(g, t)]
+    return WRONG + [[{}], [{}] * n, [{}] * (n + 1), [None], [1], ["x"], [[{}]], [{}, None], [{}, []], {"channels": 8},
+                    [{"lerning_rate": 1}], [{"kernel_size": 3}], [{0: 1}], [{"channels": 8, "sweep": 1}]] + inner
+
+
 def edge_values(f, tp) -> list:
     """One key's values at and just past its rules: bounds either side, wrong types, near-miss choices, lengths."""
     m, (tp, _) = f.metadata, _unwrap(tp)
+    if tp is tuple and dataclasses.is_dataclass(m["item_type"]):
+        return _section_list_values(m)
     if tp is tuple:
         lo, hi = _bounds(m, "item_")
         if m["item_type"] is int:  # integral floats are integers to both (JSON Schema's rule)
@@ -178,7 +188,10 @@ def edge_values(f, tp) -> list:
 def good(f, tp):
     """Random values meant to pass (the judges decide)."""
     m, (tp, optional) = f.metadata, _unwrap(tp)
-    if tp is tuple:
+    if tp is tuple and dataclasses.is_dataclass(m["item_type"]):  # a list of sections: each of its keys or not
+        keys = {path[-1]: good(g, t) for path, g, t in _leaves(m["item_type"])}
+        s = st.lists(st.fixed_dictionaries({}, optional=keys), max_size=3)
+    elif tp is tuple:
         item = (st.integers(m["item_ge"], m["item_le"]) if m["item_type"] is int else
                 st.floats(m["item_ge"], m["item_lt"], exclude_max=True))
         if m["length"] is not None:
