@@ -20,8 +20,8 @@ config_app = typer.Typer(help="Show or check a config without training.", no_arg
 app.add_typer(config_app, name="config")
 
 CONFIG_HELP = "YAML config file, e.g. configs/mnist_mlp.yaml."
-SET_HELP = ("Override one key: --set optim.lr=0.01 --set model.hidden=[256,256]. Dotted key, value parsed as "
-            "YAML; repeat for more. Checked like the file.")
+SET_HELP = ("Override one key: --set optim.lr=0.01 --set model.hidden=[256,256] --set model.conv[0].kernel=5. "
+            "Dotted key, value parsed as YAML; repeat for more. Checked like the file.")
 
 
 def user_errors(fn):

@@ -122,3 +122,30 @@ def test_vanishing_gradient_warning_on_deep_sigmoid_not_relu(mnist_root, tmp_pat
     assert warned and float(row["grad_norm_1"]) < 1e-3 * float(row["grad_norm_9"])
     warned, row = vanishing_warned("mnist_deep_sigmoid.yaml", mnist_root, tmp_path / "relu", ["model.activation=relu"])
     assert not warned and float(row["grad_norm_1"]) > 1e-3 * float(row["grad_norm_9"])
+
+
+def test_layer_norms_cover_the_convolutions_first():
+    """A CNN's per-layer norms: its Conv2d layers (1, 2, ...) before its Linear ones, each the norm of that
+    layer's own weight and gradient; an MLP's are its Linear layers, as before."""
+    from dlbase.core.model import CNN
+    from dlbase.core.schema import ConvLayerConfig as Conv
+    torch.manual_seed(0)
+    model = CNN(ModelConfig(conv=(Conv(channels=3, kernel=3, pool=2, norm="batch"), Conv(channels=4, kernel=3)),
+                            hidden=(8,)), (12, 12))
+    torch.nn.functional.cross_entropy(model(torch.rand(5, 144)), torch.arange(5)).backward()
+    norms = backprop.layer_norms(model)
+    layers = [model.features[0], model.features[4], model.net[0], model.net[2]]
+    assert len(norms) == 2 * len(layers)
+    for i, layer in enumerate(layers, 1):
+        assert norms[f"grad_norm_{i}"] == pytest.approx(layer.weight.grad.norm().item())
+        assert norms[f"weight_norm_{i}"] == pytest.approx(layer.weight.norm().item())
+    mlp = MLP(ModelConfig(hidden=(6, 4)), in_features=10)
+    assert backprop.weight_layers(mlp) == backprop.linears(mlp)
+    assert list(backprop.layer_norms(mlp)) == [f"grad_norm_{i}" for i in (1, 2, 3)] + [f"weight_norm_{i}" for i in
+                                                                                        (1, 2, 3)]
+
+
+def test_gradcheck_refuses_convolutions():
+    r = runner.invoke(app, ["gradcheck", "--config", str(REPO / "configs" / "mnist_mlp.yaml"), "--set",
+                            "model.conv=[{channels: 2, kernel: 3}]"])
+    assert r.exit_code == 2 and "model.conv" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -121,3 +121,31 @@ def test_config_validate_sweep_section(tmp_path):
     r = CliRunner().invoke(app, ["config", "validate", "--config", str(bad)])
     assert r.exit_code == 2 and "sweep" in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+TINY_CNN = "model.conv=[{channels: 4, kernel: 5, pool: 2, norm: batch}, {channels: 8, kernel: 3, pool: 2, dropout: 0.1}]"
+
+
+def test_a_cnn_trains_and_evaluates_end_to_end(tiny_config, tmp_path):
+    """model.conv from the command line: dlbase train writes best.ckpt (gradnorms for every layer, convolutions
+    first) and dlbase eval reads it back with nothing else."""
+    r = dlbase("train", "--config", tiny_config, "--set", TINY_CNN, "--set", "train.epochs=2")
+    assert r.returncode == 0, r.stderr
+    folder = tmp_path / "ckpt" / "tiny"
+    assert (folder / "best.ckpt").exists() and "epoch 2/2" in r.stdout
+    header = (folder / "metrics.csv").read_text().splitlines()[0]
+    assert "grad_norm_4" in header and "grad_norm_5" not in header  # 2 convolutions, 2 Linear layers
+    r = dlbase("eval", folder / "best.ckpt", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["n"] == 200 and 0.9 <= out["accuracy"] <= 1.0
+
+
+def test_a_conv_the_images_are_too_small_for_is_refused_before_any_file(tiny_config, tmp_path):
+    r = runner.invoke(app, ["train", "--config", str(tiny_config), "--set",
+                            "model.conv=[{kernel: 5, pool: 2}, {kernel: 5, pool: 2}, {kernel: 5}]"])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == ("error: model.conv[2].kernel: 5 is larger than the 4x4 map it gets "
+                                            "(layer 3 of model.conv); allowed: at most 4"), r.stderr
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())

@@ -277,3 +277,101 @@ def test_every_key_given_a_wrong_type_says_what_is_allowed_in_words():
     assert seen > 100
     msg = str(pytest.raises(ConfigError, config_from_dict, {"model": {"hidden": None}}).value)
     assert "model.hidden: must not be null; expected a list of positive integers, e.g. [512, 512]" in msg, msg
+
+
+# ----------------------------------------------------------------------------- model.conv: a list of sections
+
+CONV2 = "model:\n  conv: [{channels: 8, kernel: 5, pool: 2}, {channels: 16, kernel: 3, pool: 2}]\n"
+
+
+def test_conv_layers_load_with_their_defaults(tmp_path):
+    from dlbase.core.schema import ConvLayerConfig
+    cfg = load_config(write(tmp_path, CONV2))
+    assert cfg.model.conv == (ConvLayerConfig(channels=8, kernel=5, pool=2), ConvLayerConfig(channels=16, kernel=3,
+                                                                                             pool=2))
+    first = cfg.model.conv[0]
+    assert (first.stride, first.padding, first.pool_type, first.norm, first.activation, first.dropout) == \
+        (1, 0, "max", "none", None, 0.0)
+    assert load_config(None).model.conv == ()  # the MLP stays the default
+    again = load_config(write(tmp_path, to_yaml(cfg)))  # config show's YAML reads back as the same config
+    assert again == cfg
+    shown = to_yaml(cfg)
+    assert "  conv:\n  - {channels: 8, kernel: 5, stride: 1, padding: 0, pool: 2, pool_type: max" in shown
+
+
+@pytest.mark.parametrize("layer,key,words", [
+    ("{channels: 8, kernal: 3}", "model.conv[1].kernal", ["unknown key", "did you mean model.conv[1].kernel?"]),
+    ("{kernel_size: 3}", "model.conv[1].kernel_size", ["did you mean model.conv[1].kernel?"]),
+    ("{channels: 0}", "model.conv[1].channels", ["0", "out of range", ">= 1"]),
+    ("{channels: 2.5}", "model.conv[1].channels", ["2.5", "an integer"]),
+    ("{kernel: 0}", "model.conv[1].kernel", ["out of range", ">= 1"]),
+    ("{stride: 0}", "model.conv[1].stride", ["0", "out of range", ">= 1"]),
+    ("{padding: -1}", "model.conv[1].padding", ["-1", ">= 0"]),
+    ("{padding: same}", "model.conv[1].padding", ["'same'", "an integer"]),
+    ("{pool: 0}", "model.conv[1].pool", ["out of range", ">= 1"]),
+    ("{pool_type: median}", "model.conv[1].pool_type", ["'median'", "max, avg"]),
+    ("{norm: layer}", "model.conv[1].norm", ["'layer'", "none, batch"]),
+    ("{activation: swish}", "model.conv[1].activation", ["sigmoid, tanh, relu"]),
+    ("{dropout: 1.0}", "model.conv[1].dropout", ["out of range", "<= 0.99"]),
+    ("5", "model.conv", ["entry 1 (5) is not a mapping", "[{channels: 32, kernel: 5, pool: 2}]"]),
+    ("null", "model.conv", ["entry 1 (None) is not a mapping"]),
+])
+def test_bad_conv_layers_name_the_layer_key_value_and_what_is_allowed(tmp_path, layer, key, words):
+    msg = error_of(tmp_path, f"model:\n  conv: [{{channels: 8}}, {layer}]\n")
+    assert msg.startswith(f"{tmp_path / 'c.yaml'}: {key}: ") and "\n" not in msg, msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+@pytest.mark.parametrize("text,key,words", [
+    ("model: {conv: 5}\n", "model.conv", ["5 is not a list of layer mappings"]),
+    ("model: {conv: {channels: 8}}\n", "model.conv", ["is not a list of layer mappings"]),
+    ("model: {conv: null}\n", "model.conv", ["must not be null"]),
+    ("model: {conv: [" + ", ".join(["{}"] * 65) + "]}\n", "model.conv", ["65 entries; at most 64"]),
+    ("model: {channels: 8}\n", "model.channels", ["did you mean model.conv[i].channels?"]),
+    ("model: {convolutions: []}\n", "model.convolutions", ["did you mean model.conv?"]),
+    (CONV2 + "  encoding: {name: fourier}\n", "model.encoding.name", ["fourier", "use none with model.conv"]),
+    (CONV2 + "train: {engine: manual}\n", "model.conv", ["train.engine: manual", "autograd"]),
+])
+def test_bad_conv_lists_and_combinations(tmp_path, text, key, words):
+    msg = error_of(tmp_path, text)
+    assert f": {key}: " in msg and "\n" not in msg, msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_set_reaches_into_a_conv_layer(tmp_path):
+    p = write(tmp_path, CONV2)
+    cfg = load_config(p, ["model.conv[1].kernel=5", "model.conv[0]={channels: 4, norm: batch}"])
+    assert cfg.model.conv[1].kernel == 5 and cfg.model.conv[1].channels == 16
+    assert cfg.model.conv[0].channels == 4 and cfg.model.conv[0].norm == "batch" and cfg.model.conv[0].kernel == 3
+    whole = load_config(None, ["model.conv=[{channels: 6, kernel: 5, padding: 2}]"])
+    assert whole.model.conv[0].padding == 2 and len(whole.model.conv) == 1
+    for text, words in (("model.conv[2].kernel=3", "model.conv: the config gives 2 entries, so there is no entry 2"),
+                        ("model.conv[0].kernal=3", "model.conv[0].kernal: unknown key; did you mean "
+                                                   "model.conv[0].kernel?"),
+                        ("model.conv[0].stride=0", "--set model.conv[0].stride=0: model.conv[0].stride: 0 is out of"),
+                        ("model.conv=[{pool: 0}]", "--set model.conv=[{pool: 0}]: model.conv[0].pool: 0 is out of"),
+                        ("model.conv[1]=3", "--set model.conv[1]=3: model.conv: entry 1 (3) is not a mapping"),
+                        ("model.hidden[0]=3", "model.hidden[0]: hidden is not a list of sections"),
+                        ("model.conv[0].kernel.x=3", "model.conv[0].kernel is not a section")):
+        with pytest.raises(ConfigError) as e:
+            load_config(p, [text])
+        assert words in str(e.value) and str(e.value).startswith(f"--set {text}: "), str(e.value)
+    with pytest.raises(ConfigError, match="the config gives no list, so there is no entry 0"):
+        load_config(None, ["model.conv[0].kernel=3"])
+
+
+def test_cli_refuses_a_bad_conv_layer_in_one_line(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(CONV2)
+    p = write(tmp_path, "model:\n  conv: [{channels: 8}, {channels: 8, stride: 0}]\n")
+    for cmd in (["config", "validate", "--config", str(p)], ["config", "show", "--config", str(p)],
+                ["train", "--config", str(p)],
+                ["config", "show", "--config", str(good), "--set", "model.conv[1].pool_type=median"]):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 2, (cmd, r.output)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "model.conv[1]." in lines[0] and "Traceback" not in r.output, r.stderr
+    r = runner.invoke(app, ["config", "show", "--config", str(p), "--set", "model.conv[1].stride=2"])
+    assert r.exit_code == 0 and yaml.safe_load(r.stdout)["model"]["conv"][1]["stride"] == 2, r.output

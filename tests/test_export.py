@@ -93,6 +93,43 @@ def test_safetensors_loads_into_a_fresh_model(trained, tmp_path):
         assert torch.equal(model.eval()(x), ref)
 
 
+def test_a_cnn_exports_to_onnx_and_safetensors(tmp_path, tiny_data):
+    """model.conv goes where a model goes: onnxruntime gives its logits, and its safetensors rebuild through
+    build_model from the metadata alone."""
+    ort = pytest.importorskip("onnxruntime")
+    safetensors = pytest.importorskip("safetensors.torch")
+    from safetensors import safe_open
+    from dlbase.core.config import config_from_dict
+    from dlbase.core.data import load_dataset
+    from dlbase.core.model import CNN, build_model
+    from dlbase.training.state import load_for_eval
+    cfg = load_config(None, ["device=cpu", f"data.root={tiny_data}", "data.download=false", "data.val_size=100",
+                             f"checkpoint.dir={tmp_path / 'ckpt'}", "name=cnn", "train.batch_size=50",
+                             "model.conv=[{channels: 3, kernel: 5, pool: 2, norm: batch}, {channels: 4, kernel: 3, "
+                             "pool: 2, pool_type: avg, dropout: 0.2}]", "model.hidden=[16]", "train.epochs=1",
+                             "train.tensorboard=false"])
+    ckpt = train(cfg, log=lambda s: None).folder / "best.ckpt"
+    _, model, _ = load_for_eval(ckpt, torch.device("cpu"))
+    assert isinstance(model, CNN)
+    x = load_dataset(cfg.data, cfg.seed, torch.device("cpu")).test.x[:37]
+    with torch.no_grad():
+        ref = model.eval()(x)
+    for fmt in ("onnx", "safetensors"):
+        r = runner.invoke(app, ["export", str(ckpt), "--format", fmt])
+        assert r.exit_code == 0, r.output
+    sess = ort.InferenceSession(str(ckpt.with_suffix(".onnx")))
+    for batch in (x, x[:1]):
+        got = torch.from_numpy(sess.run(None, {"pixels": batch.numpy()})[0])
+        assert (got - ref[:batch.shape[0]]).abs().max().item() < 1e-4
+    with safe_open(str(ckpt.with_suffix(".safetensors")), "pt") as f:
+        meta = f.metadata()
+    rebuilt = build_model(config_from_dict(json.loads(meta["dlbase_config"])), tuple(json.loads(meta["input_shape"])),
+                          torch.device("cpu"))
+    rebuilt.load_state_dict(safetensors.load_file(str(ckpt.with_suffix(".safetensors"))))
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), ref)
+
+
 @pytest.mark.parametrize("fmt,suffix", [("export", ".pt2"), ("torchscript", ".pt")])
 def test_torch_formats_load_without_dlbase_and_print_no_warnings(trained, tmp_path, fmt, suffix):
     """The real command in its own process (as a user runs it, with Python's default warning filters): no line on

@@ -12,8 +12,11 @@ from typer.testing import CliRunner
 from dlbase.cli import app
 from dlbase.core.config import Config, _all_paths, load_config
 from dlbase.core.errors import ConfigError
+from dlbase.core.schema import ConvLayerConfig
 
-KEYS = sorted({p.rsplit(".", 1)[-1] for p in _all_paths(Config)}) + ["lerning_rate", "", "0", "nan"]
+# every key name, a model.conv layer's among them (random lists of mappings under `conv` reach those)
+KEYS = sorted({p.rsplit(".", 1)[-1] for p in (*_all_paths(Config), *_all_paths(ConvLayerConfig))}) + [
+    "lerning_rate", "", "0", "nan"]
 SECTIONS = ["data", "model", "optim", "schedule", "train", "checkpoint", "encoding", "early_stop"]
 
 scalars = st.one_of(

@@ -563,3 +563,31 @@ def test_the_vmap_stepper_takes_any_module_and_refuses_per_member_dropout(base):
         VmappedModel(models[:2], [base.model, dataclasses.replace(base.model, dropout=0.5)])
     with pytest.raises(ConfigError, match="needs 'vmap'"):
         stack_members(models, [base.model] * 3, "stacked")
+
+
+# ----------------------------------------------------------------------------- a population of CNNs (model.conv)
+
+
+def test_cnn_members_equal_lone_runs(base):
+    """A model family the hand-stacked MLP knows nothing of: torch.func's vmap stacks CNN members (batch norm's
+    running statistics per member, average pooling, per-member lr, weight decay and clipping), and each equals
+    train() alone."""
+    from dlbase.core.schema import ConvLayerConfig as Conv
+    conv = (Conv(channels=3, kernel=5, pool=2, norm="batch"), Conv(channels=4, kernel=3, pool=2, pool_type="avg"))
+    shared = vary(base, "c", model={"conv": conv}, optim={"lr": 0.003})
+    cfgs = [vary(shared, "a", top={"seed": 1}),
+            vary(shared, "b", top={"seed": 2}, optim={"lr": 0.01, "weight_decay": 0.01}, train={"grad_clip": 0.5})]
+    results = train_population(cfgs, log=quiet)
+    for cfg, r in zip(cfgs, results):
+        assert losses(r.folder)[-1] < losses(r.folder)[0]  # it learns
+        assert_same_run(r.folder, alone(cfg))
+    with pytest.raises(ConfigError, match="model.conv"):  # members of other convolutions are not one population
+        train_population([cfgs[0], vary(cfgs[1], "d", model={"conv": conv[:1]})], log=quiet)
+
+
+def test_dlbase_train_seeds_of_a_cnn(tmp_path, base):
+    r = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "pop.yaml"), "--seeds", "2", "--set",
+                                 "model.conv=[{channels: 2, kernel: 5, pool: 4, dropout: 0.2}]", "--set",
+                                 "train.epochs=1"])
+    assert r.exit_code == 0 and "2 seeds: best val_accuracy" in r.stdout, r.output
+    assert all((tmp_path / "ckpt" / f"p-seed{s}" / "best.ckpt").exists() for s in (0, 1))

@@ -23,6 +23,9 @@ from dlbase.core.config import ModelConfig
 
 def unsupported(cfg: ModelConfig) -> Optional[str]:
     """Why the hand-written rule does not cover this model (None when it does)."""
+    if cfg.conv:
+        return ("model.conv: convolutions are not covered by the hand-written rule yet (Linear, activation, "
+                "dropout); use train.engine: autograd")
     if cfg.norm != "none":
         return f"model.norm: {cfg.norm} is not covered by the hand-written rule (Linear, activation, dropout); use none"
     if cfg.encoding.name == "learned":
@@ -149,10 +152,15 @@ def gradcheck(model: nn.Module, cfg: ModelConfig, x: torch.Tensor, y: torch.Tens
 VANISHING_RATIO = 1e-3  # first layer's gradient norm below this fraction of the last layer's: warn
 
 
+def weight_layers(model: nn.Module) -> list[nn.Module]:
+    """The Conv2d and Linear layers, input to output (a CNN's convolutions first; an MLP's: linears(model))."""
+    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
 def layer_norms(model: torch.nn.Module) -> dict[str, float]:
-    """Per Linear layer (1 = the first): the L2 norm of its weight gradient from the last step, and of its
-    weights. One host sync for all of them."""
-    layers = linears(model)
+    """Per Conv2d or Linear layer (1 = the first): the L2 norm of its weight gradient from the last step, and of
+    its weights. One host sync for all of them."""
+    layers = weight_layers(model)
     zero = torch.zeros((), device=layers[0].weight.device)
     values = torch.stack([lin.weight.grad.norm() if lin.weight.grad is not None else zero for lin in layers]
                          + [lin.weight.detach().norm() for lin in layers]).tolist()  # note: sync, per epoch

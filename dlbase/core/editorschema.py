@@ -49,7 +49,9 @@ def _field_schema(f: dataclasses.Field, tp: Any) -> dict:
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
     default = list(f.default) if isinstance(f.default, tuple) else f.default
     out: dict = {"description": m["help"], "default": default}
-    if tp is tuple:
+    if tp is tuple and dataclasses.is_dataclass(m["item_type"]):  # a list of sections (model.conv): no nulls in it
+        out.update(type="array", maxItems=m["max_len"], items={**_section_schema(m["item_type"]), "type": "object"})
+    elif tp is tuple:
         item = {"type": "integer" if m["item_type"] is int else "number",
                 **_range(m["item_ge"], None, m["item_le"], m["item_lt"])}
         items: dict = {"type": "array", "items": item}

@@ -29,6 +29,8 @@ NORMALIZATIONS = ("standard", "unit")
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "gelu", "silu")
 INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 NORMS = ("none", "batch", "layer")
+CONV_NORMS = ("none", "batch")  # of a convolutional layer's feature maps (BatchNorm2d)
+POOLS = ("max", "avg")
 OUTPUTS = ("softmax", "sigmoid")
 ENCODINGS = ("none", "fourier", "gaussian", "learned")
 OPTIM_IMPLS = ("auto", "fused", "foreach", "for_loop")
@@ -115,8 +117,34 @@ class EncodingConfig:
 
 
 @dataclass(frozen=True)
+class ConvLayerConfig:
+    """One convolutional layer of model.conv: Conv2d -> batch norm? -> activation -> pooling? -> dropout?"""
+    channels: int = _f(32, "output channels (feature maps) of the convolution", ge=1, le=1 << 14,
+                       aliases=("filters", "out_channels", "features", "maps", "width"))
+    kernel: int = _f(3, "kernel height and width (px)", ge=1, le=256, aliases=("kernel_size", "size", "k"))
+    stride: int = _f(1, "step of the kernel (px)", ge=1, le=256, aliases=("strides", "step"))
+    padding: int = _f(0, "zeros added on each side of the map before the convolution (px)", ge=0, le=256,
+                      aliases=("pad", "pads"))
+    pool: int = _f(1, "pooling window and stride after the activation (px); 1 = no pooling", ge=1, le=256,
+                   aliases=("pool_size", "pooling", "subsample"))
+    pool_type: str = _f("max", "max | avg: how the pooling window is summarised", choices=POOLS,
+                        aliases=("pool_kind", "pool_mode", "pooling_type"))
+    norm: str = _f("none", "none | batch (BatchNorm2d before the activation; the convolution then has no bias)",
+                   choices=CONV_NORMS, aliases=("batch_norm", "batchnorm", "normalization", "normalisation"))
+    activation: Optional[str] = _f(None, "nonlinearity after the convolution; null: model.activation",
+                                   choices=ACTIVATIONS, aliases=("act", "nonlinearity"))
+    dropout: float = _f(0.0, "dropout probability of each unit of the (pooled) feature maps, while training",
+                        ge=0.0, le=0.99)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """The MLP: encoded inputs, the hidden layers, 10 outputs."""
+    """The network: encoded inputs, convolutional layers (model.conv, optional), the hidden layers, 10 outputs."""
+    conv: tuple = _f((), "convolutional layers before the hidden ones, input to output, each a mapping "
+                         "{channels, kernel, stride, padding, pool, pool_type, norm, activation, dropout}; "
+                         "[] = an MLP", item_type=ConvLayerConfig, max_len=64,
+                     allowed="a list of layer mappings, e.g. [{channels: 32, kernel: 5, pool: 2}]",
+                     aliases=("convs", "convolutions", "conv_layers", "cnn"))
     hidden: tuple = _f((512, 512), "hidden layer widths (units), input to output; [] = linear model",
                        item_ge=1, item_le=1 << 16, max_len=64,
                        aliases=("hidden_size", "hidden_sizes", "layers", "width", "units"))
@@ -267,7 +295,14 @@ def cross_checks(cfg: Config) -> list[tuple[str, str]]:
     if cfg.optim.impl == "fused" and cfg.optim.name not in FUSED_OPTIMIZERS:
         bad.append(("optim.impl", f"torch has no fused {cfg.optim.name}; fused exists for "
                                   f"{', '.join(FUSED_OPTIMIZERS)} (use auto or foreach)"))
+    if cfg.model.conv and cfg.model.encoding.name != "none":
+        bad.append(("model.encoding.name", f"{cfg.model.encoding.name} encodes each pixel into features of its own, "
+                                           f"which model.conv's convolutions over the image do not take; use none "
+                                           f"with model.conv"))
     if cfg.train.engine == "manual":
+        if cfg.model.conv:
+            bad.append(("model.conv", "convolutions are not covered by train.engine: manual yet (the hand-written "
+                                      "rule does Linear, activation and dropout); use engine autograd"))
         if cfg.model.norm != "none":
             bad.append(("model.norm", f"{cfg.model.norm} is not covered by train.engine: manual (the hand-written "
                                       f"rule does Linear, activation and dropout); use none or engine autograd"))

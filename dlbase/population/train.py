@@ -25,7 +25,7 @@ from dlbase.population.member import MemberResult
 # The keys that must agree for configs to share one stacked model and one step (dotted, as in a config file).
 # Everything else (lr and schedule, weight decay, momentum, betas, eps, alpha, rho, dropout, label smoothing,
 # grad clip, init, seed, early stopping, names and folders) may differ per member.
-SHAPE_KEYS = ("device", "data", "model.hidden", "model.activation", "model.norm", "model.output",
+SHAPE_KEYS = ("device", "data", "model.conv", "model.hidden", "model.activation", "model.norm", "model.output",
               "model.encoding.name", "model.encoding.num_freqs", "model.encoding.include_input", "optim.name",
               "train.epochs", "train.max_steps", "train.batch_size", "train.loss", "train.engine",
               "train.precision", "train.compile", "checkpoint.every_steps")

@@ -52,7 +52,8 @@ def _onnx(model: nn.Module, example: torch.Tensor, cfg: Config, shape: tuple[int
 def _safetensors(model: nn.Module, example: torch.Tensor, cfg: Config, shape: tuple[int, int]) -> bytes:
     from safetensors.torch import save
     meta = {"dlbase_config": json.dumps(to_dict(cfg)), "input_shape": json.dumps(list(shape)),
-            "format": "dlbase MLP state_dict; rebuild with dlbase.core.model.build_model(config, (H, W), device)"}
+            "format": "dlbase model state_dict (MLP or CNN); rebuild with "
+                      "dlbase.core.model.build_model(config, (H, W), device)"}
     return save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata=meta)
 
 

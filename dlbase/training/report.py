@@ -134,7 +134,7 @@ def _norms(plt, rows: list[dict], epochs: list[int], name: str):
         ax.grid(alpha=0.3, which="both")
         _epoch_ticks(ax, epochs)
     if layers:  # in columns of at most LEGEND_ROWS: one column of 65 layers is taller than the figure
-        axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), title="Linear layer",
+        axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), title="Conv2d or Linear layer",
                        ncols=-(-len(layers) // LEGEND_ROWS))
     fig.suptitle(f"{name}: layer 1 is next to the input; a gap of decades between layers means vanishing "
                  f"gradients", fontsize=11)
