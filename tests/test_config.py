@@ -257,7 +257,8 @@ def test_every_key_given_a_wrong_type_says_what_is_allowed_in_words():
     """No `<class 'tuple'>` reaches a user: each key, given null and values of the wrong type, names the key and
     what it takes in words."""
     import dataclasses
-    from dlbase.core.config import _all_paths, config_from_dict
+    from dlbase.core.checker import all_paths as _all_paths
+    from dlbase.core.config import config_from_dict
     seen = 0
     for key, f in _all_paths(Config).items():
         if dataclasses.is_dataclass(f.type) or f.metadata.get("help") is None or "choices" not in f.metadata:

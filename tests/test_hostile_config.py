@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from dlbase.cli import app
-from dlbase.core.config import Config, _all_paths, load_config
+from dlbase.core.checker import all_paths as _all_paths
+from dlbase.core.config import Config, load_config
 from dlbase.core.errors import ConfigError
 from dlbase.core.schema import ConvLayerConfig
 

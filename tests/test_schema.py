@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from dlbase.cli import app
-from dlbase.core.config import _all_paths, config_from_dict, load_config, to_dict
+from dlbase.core.checker import all_paths as _all_paths
+from dlbase.core.config import config_from_dict, load_config, to_dict
 from dlbase.core.errors import ConfigError
 from dlbase.core.editorschema import NUMBER_STRING, json_schema
 from dlbase.core.schema import Config

@@ -13,7 +13,6 @@ from typing import Any
 import yaml
 
 from dlbase.core.checker import Checker, show, suggest
-from dlbase.core.checker import all_paths as _all_paths  # noqa: F401 (the tests' name for it)
 from dlbase.core.errors import ConfigError
 from dlbase.core.schema import (ACTIVATIONS, COMPILES, DATASETS, ENCODINGS, FUSED_OPTIMIZERS,  # noqa: F401 (re-exported)
                            GRAPH_OPTIMIZERS, INITS, LOSSES, METRICS, NORMS, OPTIM_IMPLS, OPTIMIZERS, OUTPUTS,
