@@ -12,7 +12,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from dlbase.core.augment import (AugmentSpec, Draws, affine, apply, augment, draw, elastic, elastic_displacement,
+from dlbase.core.augment import (AugmentConfig, Draws, affine, apply, augment, draw, elastic, elastic_displacement,
                                  translate)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -109,7 +109,7 @@ def params(angle=0.0, scale=1.0, shear=0.0, tx=0.0, ty=0.0) -> torch.Tensor:
 def test_a_quarter_turn_equals_rot90(angle, k):
     """Positive angles turn clockwise, as torchvision's affine; a 28x28 grid maps onto itself under quarter turns."""
     img = centred()
-    out = apply(img, Draws(affine=params(angle)), AugmentSpec())
+    out = apply(img, Draws(affine=params(angle)), AugmentConfig())
     assert torch.allclose(out, torch.rot90(img, k=k, dims=(-2, -1)), rtol=0, atol=1e-5)
 
 
@@ -125,7 +125,7 @@ def test_affine_matches_torchvision(case, shape):
     differ by float32 rounding (a few 2^-24 of W pixels), which moves a value in [0, 1] by at most as much."""
     x = digits(4, shape)
     p = params(**case)
-    ours = apply(x, Draws(affine=p.expand(4, 5)), AugmentSpec(), shape)
+    ours = apply(x, Draws(affine=p.expand(4, 5)), AugmentConfig(), shape)
     theirs = TF.affine(x[:, None], angle=case.get("angle", 0.0), translate=[case.get("tx", 0.0), case.get("ty", 0.0)],
                        scale=case.get("scale", 1.0), shear=[case.get("shear", 0.0), 0.0],
                        interpolation=InterpolationMode.BILINEAR)[:, 0]
@@ -212,10 +212,10 @@ def test_a_ramp_moves_by_the_field_and_the_field_scales_with_alpha():
 
 
 # ------------------------------------------------------------------------------------------------ augment
-STAGES = {"translate": (AugmentSpec(translate=2), lambda x, g: translate(x, g, 2)),
-          "affine": (AugmentSpec(degrees=10, scale=(0.9, 1.1), shear=5),
+STAGES = {"translate": (AugmentConfig(translate=2), lambda x, g: translate(x, g, 2)),
+          "affine": (AugmentConfig(degrees=10, scale=(0.9, 1.1), shear=5),
                      lambda x, g: affine(x, g, 10, (0.9, 1.1), 5, 0.0)),
-          "elastic": (AugmentSpec(elastic_alpha=34, elastic_sigma=4), lambda x, g: elastic(x, g, 34, 4))}
+          "elastic": (AugmentConfig(elastic_alpha=34, elastic_sigma=4), lambda x, g: elastic(x, g, 34, 4))}
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -230,7 +230,7 @@ def test_augment_with_one_stage_is_that_stage(stage):
 def test_augment_is_elastic_of_affine_then_translate():
     """On linear images two interpolations equal one, so the one-resampling composition must equal the stages
     applied one after another (same draws, same order) wherever no sample left the image."""
-    spec = AugmentSpec(translate=2, degrees=8, scale=(0.95, 1.05), shear=5, elastic_alpha=3, elastic_sigma=4)
+    spec = AugmentConfig(translate=2, degrees=8, scale=(0.95, 1.05), shear=5, elastic_alpha=3, elastic_sigma=4)
     x, g = ramp(12), gen(13)
     g2 = twin(g)
     stages = translate(elastic(affine(x, g2, 8, (0.95, 1.05), 5, 0.0), g2, 3, 4), g2, 2)
@@ -242,28 +242,28 @@ def test_augment_is_elastic_of_affine_then_translate():
 def test_augment_off_returns_the_batch_and_draws_nothing():
     x, g = digits(4), gen(1)
     state = g.get_state()
-    assert augment(x, g, AugmentSpec()) is x and torch.equal(g.get_state(), state)
-    assert not AugmentSpec().enabled and AugmentSpec(translate=1).enabled and AugmentSpec(scale=(0.9, 1.0)).enabled
-    assert AugmentSpec(elastic_sigma=6).enabled is False  # sigma alone does nothing
+    assert augment(x, g, AugmentConfig()) is x and torch.equal(g.get_state(), state)
+    assert not AugmentConfig().enabled and AugmentConfig(translate=1).enabled and AugmentConfig(scale=(0.9, 1.0)).enabled
+    assert AugmentConfig(elastic_sigma=6).enabled is False  # sigma alone does nothing
 
 
-@pytest.mark.parametrize("bad", [dict(translate=-1), dict(translate=1.5), dict(degrees=-3), dict(scale=(1.1, 0.9)),
+@pytest.mark.parametrize("bad", [dict(translate=-1), dict(translate=1.5), dict(degrees=-3),
                                  dict(scale=(0, 1)), dict(shear=90), dict(elastic_alpha=-1)])
 def test_a_bad_spec_is_refused_naming_the_field(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
-        AugmentSpec(**bad)
+        AugmentConfig(**bad)
 
 
 def test_wrong_shapes_and_devices_are_refused():
     with pytest.raises(ValueError, match="neither"):
-        augment(torch.zeros(4, 100), gen(), AugmentSpec(translate=1))
+        augment(torch.zeros(4, 100), gen(), AugmentConfig(translate=1))
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="device"):
-            augment(torch.zeros(4, 784), gen(device="cuda"), AugmentSpec(translate=1))
+            augment(torch.zeros(4, 784), gen(device="cuda"), AugmentConfig(translate=1))
 
 
 # ------------------------------------------------------------------------------------------- determinism
-FULL = AugmentSpec(translate=2, degrees=10, scale=(0.9, 1.1), shear=5, elastic_alpha=34, elastic_sigma=4)
+FULL = AugmentConfig(translate=2, degrees=10, scale=(0.9, 1.1), shear=5, elastic_alpha=34, elastic_sigma=4)
 
 
 def run_steps(x, g, steps):
@@ -324,3 +324,67 @@ def test_cuda_generator_draws_the_same_eagerly_and_in_a_cuda_graph():
     eager = run_steps(x, eager_g, 3)
     assert all(torch.equal(a, b) for a, b in zip(replayed, eager))
     assert torch.equal(g.get_state(), eager_g.get_state())
+
+
+# ----------------------------------------------------------------------------- inside training (train.augment)
+AUGMENTED = ["train.augment.translate=2", "train.augment.degrees=10", "train.augment.scale=[0.9,1.1]",
+             "train.augment.shear=5", "train.augment.elastic_alpha=8", "train.augment.elastic_sigma=3"]
+
+
+def _weights(path):
+    from dlbase.training import checkpoint
+    return checkpoint.load(path)["model"]
+
+
+def test_train_augment_draws_once_per_training_image_and_never_for_validation(tiny_config, monkeypatch):
+    """Every training step augments its batch, validation never: the images augment() sees are exactly the
+    training steps' (3 epochs of the tiny set's training split), and the augmented run learns something else."""
+    import dlbase.core.augment as aug
+    from dlbase.core.config import load_config
+    from dlbase.training.train import train
+    seen = []
+    real = aug.augment
+    monkeypatch.setattr(aug, "augment", lambda x, *a, **k: seen.append(x.shape[0]) or real(x, *a, **k))
+    plain = train(load_config(tiny_config, ["name=plain"]), log=lambda s: None)
+    assert seen == []  # off by default: not called at all
+    run = train(load_config(tiny_config, AUGMENTED), log=lambda s: None)
+    n_train = 500  # tiny_data: 600 training samples less val_size 100 (10 steps of 50 per epoch)
+    assert sum(seen) == 3 * n_train and max(seen) == 50
+    a, b = _weights(plain.folder / "last.ckpt"), _weights(run.folder / "last.ckpt")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_augmented_run_stopped_mid_epoch_resumes_bit_identically(tiny_config, tmp_path, monkeypatch):
+    """Oracle: the uninterrupted augmented run. The augmentation's generator is saved in every checkpoint
+    (rng["augment"]) and restored, so the resumed run draws what the uninterrupted one drew."""
+    from conftest import StopAt
+    from dlbase.core.config import load_config
+    from dlbase.training import checkpoint
+    from dlbase.training import train as train_module
+    full = train_module.train(load_config(tiny_config, AUGMENTED + [f"checkpoint.dir={tmp_path / 'a'}"]),
+                              log=lambda s: None)
+    monkeypatch.setattr(train_module, "Preemption", StopAt(15))  # in epoch 2 of 3 (10 steps each)
+    cut_cfg = load_config(tiny_config, AUGMENTED + [f"checkpoint.dir={tmp_path / 'b'}"])
+    cut = train_module.train(cut_cfg, log=lambda s: None)
+    assert cut.status == "preempted"
+    last = cut.folder / "last.ckpt"
+    payload = checkpoint.load(last)
+    assert payload["in_epoch"]["batch"] > 0 and "augment" in payload["rng"]
+    monkeypatch.undo()
+    train_module.train(cut_cfg, resume=last, resume_payload=payload, log=lambda s: None)
+    a, b = _weights(full.folder / "last.ckpt"), _weights(last)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("bad, key", [("train.augment.scale=[1.1,0.9]", "train.augment.scale"),
+                                      ("train.augment.degrees=200", "train.augment.degrees"),
+                                      ("train.augment.translate=-1", "train.augment.translate"),
+                                      ("train.augment.elastic_sigma=0", "train.augment.elastic_sigma"),
+                                      ("train.augment.rotate_by=3", "train.augment.rotate_by")])
+def test_bad_augment_settings_are_one_line_and_exit_2(tiny_config, bad, key):
+    from typer.testing import CliRunner
+    from dlbase.cli import app
+    r = CliRunner().invoke(app, ["train", "--config", str(tiny_config), "--set", bad])
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and key in lines[0] and "Traceback" not in r.output, r.output

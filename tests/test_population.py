@@ -591,3 +591,17 @@ def test_dlbase_train_seeds_of_a_cnn(tmp_path, base):
                                  "train.epochs=1"])
     assert r.exit_code == 0 and "2 seeds: best val_accuracy" in r.stdout, r.output
     assert all((tmp_path / "ckpt" / f"p-seed{s}" / "best.ckpt").exists() for s in (0, 1))
+
+
+@pytest.mark.parametrize("stepper", ["stacked", "vmap"])
+def test_augmented_members_equal_lone_runs(base, stepper):
+    """train.augment inside the population's step: each member draws from its own generator, seeded as its
+    lone run's, and the draws are applied to the whole (K*B) batch at once; each member equals train() alone."""
+    from dlbase.core.schema import AugmentConfig
+    aug = AugmentConfig(translate=2, degrees=10, scale=(0.9, 1.1), shear=5, elastic_alpha=8, elastic_sigma=3)
+    cfgs = [vary(base, name, top={"seed": seed}, train={"augment": aug}) for name, seed in (("a", 1), ("b", 2))]
+    results = train_population(cfgs, log=quiet, stepper=stepper)
+    assert [r.status for r in results] == ["finished", "finished"]
+    for cfg, r in zip(cfgs, results):
+        assert "augment" in checkpoint.load(r.folder / "last.ckpt")["rng"]
+        assert_same_run(r.folder, alone(cfg))

@@ -194,7 +194,8 @@ def good(f, tp):
         s = st.lists(st.fixed_dictionaries({}, optional=keys), max_size=3)
     elif tp is tuple:
         item = (st.integers(m["item_ge"], m["item_le"]) if m["item_type"] is int else
-                st.floats(m["item_ge"], m["item_lt"], exclude_max=True))
+                st.floats(m["item_ge"], m["item_lt"] if m["item_lt"] is not None else m["item_le"],
+                          exclude_max=m["item_lt"] is not None))
         if m["length"] is not None:
             s = st.lists(item, min_size=m["length"], max_size=m["length"])
         else:

@@ -42,50 +42,15 @@ Inside a CUDA graph
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from dlbase.core.schema import AugmentConfig
+
 MNIST_SHAPE = (28, 28)  # (H, W) of a flat (B, 784) batch
-
-
-@dataclass(frozen=True)
-class AugmentSpec:
-    """What `augment` does to a training batch; every stage is off by default."""
-    translate: int = 0  # pixels: an integer shift in [-translate, translate] in x and in y, per image
-    degrees: float = 0.0  # degrees: rotation uniform in [-degrees, degrees] (positive is clockwise)
-    scale: tuple[float, float] = (1.0, 1.0)  # zoom factor uniform in [lo, hi], e.g. (0.9, 1.1)
-    shear: float = 0.0  # degrees: shear parallel to the x axis, uniform in [-shear, shear]
-    elastic_alpha: float = 0.0  # pixels: the smoothed field's scale (Simard et al. 2003: 34); 0 is off
-    elastic_sigma: float = 4.0  # pixels: std of the Gaussian that smooths the field (Simard et al.: 4)
-
-    def __post_init__(self):
-        object.__setattr__(self, "scale", tuple(float(s) for s in self.scale))
-        bad = []
-        if isinstance(self.translate, bool) or not isinstance(self.translate, int) or self.translate < 0:
-            bad.append(f"translate={self.translate!r} is not an integer >= 0")
-        bad += [f"{k}={v!r} is not in [0, {hi})" for k, v, hi in (("degrees", self.degrees, 180),
-                ("shear", self.shear, 90), ("elastic_alpha", self.elastic_alpha, math.inf),
-                ("elastic_sigma", self.elastic_sigma, math.inf)) if not 0 <= v < hi]
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
-            bad.append(f"scale={self.scale!r} is not (lo, hi) with 0 < lo <= hi")
-        if bad:
-            raise ValueError("AugmentSpec: " + "; ".join(bad))
-
-    @property
-    def affine(self) -> bool:
-        return self.degrees > 0 or self.scale != (1.0, 1.0) or self.shear > 0
-
-    @property
-    def elastic(self) -> bool:
-        return self.elastic_alpha > 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.translate > 0 or self.affine or self.elastic
 
 
 @dataclass(frozen=True)
@@ -127,7 +92,7 @@ def draw_shifts(gen: torch.Generator, n: int, max_shift: int) -> torch.Tensor:
     return torch.randint(-max_shift, max_shift + 1, (n, 2), generator=gen, device=gen.device)
 
 
-def draw(gen: torch.Generator, n: int, spec: AugmentSpec, shape: tuple[int, int] = MNIST_SHAPE) -> Draws:
+def draw(gen: torch.Generator, n: int, spec: AugmentConfig, shape: tuple[int, int] = MNIST_SHAPE) -> Draws:
     """The random parameters of `augment` for n images: the enabled stages' draws, affine, elastic, translate."""
     return Draws(
         affine=draw_affine(gen, n, spec.degrees, spec.scale, spec.shear, 0.0, shape) if spec.affine else None,
@@ -231,7 +196,7 @@ def _images(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def apply(x: torch.Tensor, draws: Draws, spec: AugmentSpec, shape: tuple[int, int] = MNIST_SHAPE) -> torch.Tensor:
+def apply(x: torch.Tensor, draws: Draws, spec: AugmentConfig, shape: tuple[int, int] = MNIST_SHAPE) -> torch.Tensor:
     """x with the drawn augmentations applied: the affine transform and the elastic field in one resampling,
     then the integer translation. x (n, H, W) or (n, H*W); draws for n images (`draw`, or `Draws.cat`) made
     with this spec (its translate is the padding the shifts fit in, its elastic_alpha and sigma shape the field)."""
@@ -246,7 +211,7 @@ def apply(x: torch.Tensor, draws: Draws, spec: AugmentSpec, shape: tuple[int, in
     return img.to(x.dtype).reshape(x.shape)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, spec: AugmentSpec,
+def augment(x: torch.Tensor, gen: torch.Generator, spec: AugmentConfig,
             shape: tuple[int, int] = MNIST_SHAPE) -> torch.Tensor:
     """A training batch x (B, H, W) or (B, H*W), augmented as spec says with draws from gen; x itself when the
     spec is off (no draw, no kernel)."""
@@ -284,3 +249,30 @@ def elastic(x: torch.Tensor, gen: torch.Generator, alpha: float, sigma: float,
     img = _images(x, shape)
     return _resample(img, None, draw_noise(gen, img.shape[0], img.shape[1:]), alpha, sigma) \
         .to(x.dtype).reshape(x.shape)
+
+
+class Augmenter:
+    """A run's augmentation of its training batches: its train.augment section, the images' (H, W), and a
+    generator of its own on the device, whose state every checkpoint keeps (training/state.py's rng_state), so a
+    resumed run draws what the uninterrupted one would. Calling it augments a (B, H*W) batch."""
+
+    def __init__(self, cfg: AugmentConfig, shape: tuple[int, int], device: torch.device, seed: int):
+        self.cfg, self.shape = cfg, (int(shape[0]), int(shape[1]))
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return augment(x, self.generator, self.cfg, self.shape)
+
+    def draw(self, n: int) -> Draws:
+        """This run's draws for a batch of n (a population draws each member's, then applies them at once)."""
+        return draw(self.generator, n, self.cfg, self.shape)
+
+
+def augmenter(cfg: AugmentConfig, shape: tuple[int, int], device: torch.device, seed: int,
+              rank: int = 0) -> Optional[Augmenter]:
+    """The Augmenter of a run with this train.augment, or None when every stage is off. Its generator's seed
+    comes from the run's seed (and its rank under torchrun: each rank augments its own slice of the batch)."""
+    if not cfg.enabled:
+        return None
+    return Augmenter(cfg, shape, device, (seed * 1_000_003 + 0xA116 + rank * 7919) % 2**63)

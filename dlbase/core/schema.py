@@ -3,6 +3,7 @@ and the checks the reader applies; the tables of choices; what each optimiser su
 together. Pure data: no YAML, no torch."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -215,6 +216,49 @@ class EarlyStopConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation of each training batch on the device, inside the step (core/augment.py), drawn from the run's
+    own seeded generator; never applied to validation or test data. Every stage is off by default."""
+    translate: int = _f(0, "random integer shift of each image in x and in y, up to this many pixels (0: off)",
+                        ge=0, le=14, aliases=("shift", "max_shift", "translation"))
+    degrees: float = _f(0.0, "random rotation uniform in [-degrees, degrees] (0: off)", ge=0.0, lt=180.0,
+                        aliases=("rotation", "rotate", "angle"))
+    scale: tuple = _f((1.0, 1.0), "random zoom factor uniform in [lo, hi] ([1, 1]: off), e.g. [0.9, 1.1]",
+                      item_type=float, length=2, item_ge=0.01, item_le=100.0, aliases=("zoom",))
+    shear: float = _f(0.0, "random shear parallel to the x axis uniform in [-shear, shear] degrees (0: off)",
+                      ge=0.0, lt=90.0)
+    elastic_alpha: float = _f(0.0, "elastic distortion (Simard et al. 2003): the smoothed displacement field's "
+                                   "scale in pixels (Simard: 34; 0: off)", ge=0.0, le=1000.0, aliases=("alpha",))
+    elastic_sigma: float = _f(4.0, "elastic distortion: std of the Gaussian that smooths the field, pixels "
+                                   "(Simard: 4)", gt=0.0, le=100.0, aliases=("sigma",))
+
+    def __post_init__(self) -> None:  # built directly (core/augment.py's functions, tests): the schema's ranges
+        object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
+        bad = []
+        if isinstance(self.translate, bool) or not isinstance(self.translate, int) or self.translate < 0:
+            bad.append(f"translate={self.translate!r} is not an integer >= 0")
+        bad += [f"{k}={v!r} is not in [0, {hi})" for k, v, hi in (("degrees", self.degrees, 180),
+                ("shear", self.shear, 90), ("elastic_alpha", self.elastic_alpha, math.inf),
+                ("elastic_sigma", self.elastic_sigma, math.inf)) if not 0 <= v < hi]
+        if len(self.scale) != 2 or not 0 < min(self.scale):  # lo > hi: cross_checks says so in the config's words
+            bad.append(f"scale={self.scale!r} is not (lo, hi) with 0 < lo")
+        if bad:
+            raise ValueError("AugmentConfig: " + "; ".join(bad))
+
+    @property
+    def affine(self) -> bool:
+        return self.degrees > 0 or self.scale != (1.0, 1.0) or self.shear > 0
+
+    @property
+    def elastic(self) -> bool:
+        return self.elastic_alpha > 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.translate > 0 or self.affine or self.elastic
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The training loop."""
     epochs: int = _f(10, "passes over the training set", ge=1, le=10**6,
@@ -231,6 +275,7 @@ class TrainConfig:
     grad_clip: Optional[float] = _f(None, "clip the global gradient norm to this; null = no clipping",
                                     gt=0.0, le=1e9, aliases=("clip", "max_grad_norm", "clip_grad_norm"))
     early_stop: EarlyStopConfig = _section(EarlyStopConfig)
+    augment: AugmentConfig = _section(AugmentConfig)
     engine: str = _f("autograd", "autograd | manual (gradients by the hand-written delta rule, dlbase/core/backprop.py)",
                      choices=("autograd", "manual"), aliases=("backprop", "gradients"))
     precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast, fp32 master weights) "
@@ -295,6 +340,10 @@ def cross_checks(cfg: Config) -> list[tuple[str, str]]:
     if cfg.optim.impl == "fused" and cfg.optim.name not in FUSED_OPTIMIZERS:
         bad.append(("optim.impl", f"torch has no fused {cfg.optim.name}; fused exists for "
                                   f"{', '.join(FUSED_OPTIMIZERS)} (use auto or foreach)"))
+    lo, hi = cfg.train.augment.scale
+    if lo > hi:
+        bad.append(("train.augment.scale", f"[{lo}, {hi}] is not [lo, hi] with lo <= hi; e.g. [0.9, 1.1] (or [1, 1]: "
+                                           f"no zoom)"))
     if cfg.model.conv and cfg.model.encoding.name != "none":
         bad.append(("model.encoding.name", f"{cfg.model.encoding.name} encodes each pixel into features of its own, "
                                            f"which model.conv's convolutions over the image do not take; use none "

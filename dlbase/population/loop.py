@@ -14,6 +14,7 @@ import torch
 
 from dlbase.training import checkpoint, runrecord
 from dlbase.core import rundir
+from dlbase.core.augment import augmenter
 from dlbase.core.backprop import layer_norms
 from dlbase.core.config import Config
 from dlbase.core.data import Batcher
@@ -68,6 +69,7 @@ class Population:
         lr_table = torch.tensor([s.table() for s in self.schedules], dtype=torch.float64, device=device)  # (K, T)
         self.stepper = PopStepper(net, PopOptimizer(net.params, [c.optim for c in configs], lr_table), data.x,
                                   data.y, cfg, run_plan, device, *self._per_member_settings())
+        self.stepper.augmenters = [m.augmenter for m in members if m.augmenter is not None]
         self.eval_loss = build_eval_loss(cfg.train.loss, cfg.model.output)
         self.progress = Progress()  # the population's position: every member is at it
         self.snaps = Snapshots(min(c.train.log_every for c in configs), self.steps_per_epoch, self.stepper.loss_sum)
@@ -91,7 +93,8 @@ class Population:
                                   on_epoch=on_epoch[i] if on_epoch else None, model=model,
                                   optimizer=build_optimizer(model.parameters(), c.optim, device),
                                   batcher=Batcher(idx.shape[0], self.B, device, c.seed), val=val,
-                                  torch_rng=torch.get_rng_state(), fold=folds[i]))
+                                  torch_rng=torch.get_rng_state(), fold=folds[i],
+                                  augmenter=augmenter(c.train.augment, data.input_shape, device, c.seed)))
             if resumed:
                 restore_member(self, members[-1], *resumed[i])
             train_idx.append(idx)
@@ -223,6 +226,7 @@ class Population:
             self._order = self._order.index_select(0, idx)
         self.snaps.keep(idx)
         self.members = [self.members[k] for k in keep]
+        self.stepper.augmenters = [m.augmenter for m in self.members if m.augmenter is not None]
 
     # ------------------------------------------------------------------ files
     def _payload(self, m: Member, k: int, metrics: dict) -> checkpoint.Payload:
@@ -232,6 +236,8 @@ class Population:
         rng = {"torch": m.torch_rng, "batcher": m.epoch_rng if p.batch else m.batcher.generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if m.augmenter is not None:
+            rng["augment"] = m.augmenter.generator.get_state()
         in_epoch = None
         if p.batch:
             loss_sum, ce_sum = st.loss_sum[k].item(), st.ce_sum[k].item()  # note: sync, at a checkpoint

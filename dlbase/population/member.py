@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from dlbase.core.augment import Augmenter
 from dlbase.core.data import Batcher, DeviceSplit
 from dlbase.training.progress import RunResult
 from dlbase.training.runrecord import RunRecord
@@ -33,3 +34,4 @@ class Member(RunRecord):
     steps_done: int = 0
     fold: Optional[tuple[int, int]] = None  # (k, K): its cross-validation fold, recorded in its checkpoints
     train_seconds: float = 0.0  # its share of the population's training steps (their time / members in them)
+    augmenter: Optional[Augmenter] = None  # train.augment with its own generator, as its lone run's (None: off)

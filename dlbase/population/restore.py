@@ -23,6 +23,8 @@ def restore_member(pop, m, path: Path, payload: checkpoint.Payload) -> None:
     m.batcher.generator.set_state(rng["batcher"])  # mid-epoch: the state before the epoch drew its order
     m.torch_rng = rng["torch"]
     m.epoch_rng = rng["batcher"] if payload.get("in_epoch") else None
+    if m.augmenter is not None and "augment" in rng:
+        m.augmenter.generator.set_state(rng["augment"])
     m.epochs_done, m.steps_done = payload["epoch"], payload["step"]
     m.resume_rows(path.parent, payload)
 

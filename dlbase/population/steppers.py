@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from dlbase.core.augment import Draws, apply
 from dlbase.core.model import MLP
 from dlbase.population.stacked import StackedMLP, clip_grad_norms, member_losses
 from dlbase.training.engine import autocast
@@ -42,6 +43,7 @@ class PopStepper:
                  smoothing: Optional[torch.Tensor], clip: Optional[torch.Tensor]):
         self.net, self.opt, self.x, self.y, self.cfg, self.plan, self.device = net, opt, x, y, cfg, run_plan, device
         self.smoothing, self.clip = smoothing, clip
+        self.augmenters: list = []  # each member's train.augment (core/augment.py), in the stacked order; [] = off
         self.B = cfg.train.batch_size
         self.loss_sum = torch.zeros(net.K, device=device)  # (K,) summed per-sample training loss, this epoch
         self.ce_sum = torch.zeros(net.K, device=device)  # (K,) the same for the plain cross-entropy
@@ -63,6 +65,10 @@ class PopStepper:
         flat = ids.reshape(-1)
         x = self.x.index_select(0, flat).view(K, b, *self.x.shape[1:])  # (K, b, D)
         y = self.y.index_select(0, flat).view(K, b)  # (K, b)
+        if self.augmenters:  # each member's own draws (its lone run's), applied to the (K*b) batch at once
+            a = self.augmenters[0]
+            x = apply(x.reshape(K * b, -1), Draws.cat([m.draw(b) for m in self.augmenters]), a.cfg,
+                      a.shape).view(x.shape)
         with autocast(self.plan, self.device):
             logits = self.net.forward(x)  # (K, b, C)
         losses, ce = member_losses(logits, y, self.cfg.train.loss, self.cfg.model.output, self.smoothing)  # (K,)

@@ -27,7 +27,7 @@ from dlbase.population.member import MemberResult
 # grad clip, init, seed, early stopping, names and folders) may differ per member.
 SHAPE_KEYS = ("device", "data", "model.conv", "model.hidden", "model.activation", "model.norm", "model.output",
               "model.encoding.name", "model.encoding.num_freqs", "model.encoding.include_input", "optim.name",
-              "train.epochs", "train.max_steps", "train.batch_size", "train.loss", "train.engine",
+              "train.epochs", "train.max_steps", "train.batch_size", "train.loss", "train.engine", "train.augment",
               "train.precision", "train.compile", "checkpoint.every_steps")
 MEMORY_FRACTION = 0.5  # of the free device memory (or available RAM) that choose_k plans to fill
 

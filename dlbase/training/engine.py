@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dlbase.core import backprop
+from dlbase.core.augment import Augmenter
 from dlbase.core.data import DeviceSplit
 from dlbase.core.errors import ConfigError
 from dlbase.core.loss import LossFn
@@ -133,8 +134,9 @@ class Engine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, split: DeviceSplit,
                  cfg: TrainConfig, schedule: Schedule, device: torch.device, run_plan: Plan,
                  model_cfg: Optional[ModelConfig] = None, forward: Optional[nn.Module] = None,
-                 shard: tuple[int, int] = (0, 1)):
+                 shard: tuple[int, int] = (0, 1), augment: Optional[Augmenter] = None):
         self.model, self.optimizer, self.loss_fn, self.split = model, optimizer, loss_fn, split
+        self.augment = augment  # train.augment inside the step, on the training batch only (None: off)
         self.model_cfg = model_cfg
         self.manual = cfg.engine == "manual"
         assert not self.manual or model_cfg is not None, "the manual engine needs the model's config"
@@ -171,6 +173,7 @@ class Engine:
         import time
         t0 = time.perf_counter()
         rng = torch.cuda.get_rng_state(self.device)
+        aug = self.augment.generator.get_state() if self.augment is not None else None
         model, optimizer = copy.deepcopy((self.model, self.optimizer))  # one memo: the copy steps the copy
         real = (self.model, self.optimizer, self.update, self.forward, self.loss_sum, self.ce_sum, self.last_loss,
                 self.params)
@@ -185,6 +188,8 @@ class Engine:
         (self.model, self.optimizer, self.update, self.forward, self.loss_sum, self.ce_sum, self.last_loss,
          self.params) = real
         torch.cuda.set_rng_state(rng, self.device)
+        if aug is not None:
+            self.augment.generator.set_state(aug)
         self.prewarm_seconds = time.perf_counter() - t0
         return self.prewarm_seconds
 
@@ -192,6 +197,8 @@ class Engine:
     def _step(self, idx: torch.Tensor, n: int, weight: float = 1.0) -> None:
         x = self.split.x.index_select(0, idx)  # (B, D), already normalised
         y = self.split.y.index_select(0, idx)  # (B,)
+        if self.augment is not None:
+            x = self.augment(x)  # (B, D) from the run's own generator: device work only
         if self.manual:  # gradients by the delta rule, written out in backprop.py; no autograd graph at all
             logits, grads = backprop.manual_gradients(self.model, self.model_cfg, x.float(), y, self.cfg.loss,
                                                       self.cfg.label_smoothing)
@@ -249,6 +256,11 @@ class Engine:
                 on_step(step + j)
         torch.cuda.current_stream(self.device).wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
+        if self.augment is not None and hasattr(self.graph, "register_generator_state"):
+            import warnings
+            with warnings.catch_warnings():  # a deprecated no-op in newer torch; needed before (augment.py)
+                warnings.simplefilter("ignore")
+                self.graph.register_generator_state(self.augment.generator)
         with torch.cuda.graph(self.graph):  # records only: nothing below runs now
             self._step(self.static_idx, B)
         return GRAPH_WARMUP_STEPS

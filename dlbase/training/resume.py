@@ -52,7 +52,7 @@ def restore(trainer, payload: checkpoint.Payload, path: Optional[Path]) -> None:
         step = epoch * trainer.steps_per_epoch  # progress counts in epochs when the epoch's step count changed
         trainer.log(f"{trainer.steps_per_epoch} steps per epoch now ({saved_spe} in {path}): going on after epoch "
                  f"{epoch}, as step {step}")
-    restore_rng(payload["rng"], trainer.batcher, trainer.device, path)  # mid-epoch: the state at epoch start
+    restore_rng(payload["rng"], trainer.batcher, trainer.device, path, trainer.augmenter)  # mid-epoch: the state at epoch start
     trainer.progress = Progress(epoch=epoch, step=step, batch=in_epoch["batch"] if in_epoch else 0)
     trainer.run.monitor = Monitor(trainer.cfg, trainer.data.val is not None, payload["best"])
 

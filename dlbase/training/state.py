@@ -12,6 +12,7 @@ import torch
 from dlbase.training import checkpoint
 from dlbase.core import rundir
 from dlbase.core.config import Config, config_from_dict, load_config
+from dlbase.core.augment import Augmenter
 from dlbase.core.data import Batcher
 from dlbase.core.errors import CheckpointError, ConfigError
 from dlbase.core.model import MLP, build_model
@@ -49,19 +50,25 @@ class Monitor:
         return f"best {self.metric} {shown} at epoch {self.epoch}"
 
 
-def rng_state(batcher: Batcher, device: torch.device) -> dict:
+def rng_state(batcher: Batcher, device: torch.device, augmenter: Optional[Augmenter] = None) -> dict:
+    """The run's random streams: torch's (dropout), the data order's, CUDA's, and train.augment's own."""
     state = {"torch": torch.get_rng_state(), "batcher": batcher.generator.get_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    if augmenter is not None:
+        state["augment"] = augmenter.generator.get_state()  # seed and offset, a host read: no sync
     return state
 
 
-def restore_rng(state: dict, batcher: Batcher, device: torch.device, path: Optional[Path] = None) -> None:
+def restore_rng(state: dict, batcher: Batcher, device: torch.device, path: Optional[Path] = None,
+                augmenter: Optional[Augmenter] = None) -> None:
     try:
         torch.set_rng_state(state["torch"])
         batcher.generator.set_state(state["batcher"])
         if device.type == "cuda" and "cuda" in state:
             torch.cuda.set_rng_state(state["cuda"], device)
+        if augmenter is not None and "augment" in state:  # a run saved without augmentation starts its draws anew
+            augmenter.generator.set_state(state["augment"])
     except (RuntimeError, KeyError, TypeError) as e:
         was = "cuda" if "cuda" in state else "cpu"
         raise CheckpointError(f"{path}: its random-number state was saved on {was} and cannot be restored on "

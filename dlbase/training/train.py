@@ -22,6 +22,7 @@ from dlbase.core.model import build_model, standardizes
 from dlbase.core.optim import build_optimizer, build_schedule
 from dlbase.training.phases import Phases
 from dlbase.training.preempt import Preemption
+from dlbase.core.augment import augmenter
 from dlbase.core.backprop import layer_norms
 from dlbase.training.state import Monitor, rng_state
 from dlbase.training.resume import nothing_to_do, restore, resume_folder
@@ -87,6 +88,8 @@ class Trainer:
         self.n_used, self.steps_per_epoch, self.total_steps = sizes.n_used, sizes.steps_per_epoch, sizes.total_steps
         self.batcher = Batcher(n, cfg.train.batch_size, self.device, cfg.seed)  # a permutation of every sample
         self.schedule = build_schedule(cfg.schedule, cfg.optim.lr, self.steps_per_epoch, self.total_steps)
+        # train.augment's own generator (each rank's own under torchrun), restored with the other RNGs
+        self.augmenter = augmenter(cfg.train.augment, self.data.input_shape, self.device, cfg.seed, self.group.rank)
         self.loss_fn = build_loss(cfg.train.loss, cfg.model.output, cfg.train.label_smoothing)
         self.eval_loss = build_eval_loss(cfg.train.loss, cfg.model.output)
         self.run.monitor = Monitor(cfg, self.data.val is not None)
@@ -102,7 +105,7 @@ class Trainer:
             self._seed_rank()
         self.engine = Engine(self.model, self.optimizer, self.loss_fn, self.data.train, cfg.train, self.schedule,
                              self.device, self.plan, cfg.model, forward=forward,
-                             shard=(self.group.rank, self.group.world))
+                             shard=(self.group.rank, self.group.world), augment=self.augmenter)
         self.snaps = Snapshots(cfg.train.log_every, self.steps_per_epoch, self.engine.loss_sum)
         self._start_sum = 0.0  # the loss sum the epoch in progress started this process with (a mid-epoch resume)
         if self.payload is not None and "in_epoch" in self.payload:  # the saved sums are all ranks'
@@ -249,7 +252,7 @@ class Trainer:
     def _payload(self, metrics: dict) -> checkpoint.Payload:
         """A checkpoint of the current position. Mid-epoch (progress.batch > 0) it also holds the data order's
         generator state at its epoch's start and the partial epoch's loss sum."""
-        p, rng, in_epoch = self.progress, rng_state(self.batcher, self.device), None
+        p, rng, in_epoch = self.progress, rng_state(self.batcher, self.device, self.augmenter), None
         if p.batch:
             rng["batcher"] = p.epoch_rng
             total = self.group.sum(torch.stack([self.engine.loss_sum, self.engine.ce_sum]))  # all ranks' partial sums
