@@ -160,6 +160,11 @@ class ModelConfig:
                      choices=OUTPUTS, aliases=("output_activation", "out"))
     encoding: EncodingConfig = _section(EncodingConfig)
 
+    @property
+    def uses_batch_norm(self) -> bool:
+        """Does any layer normalise over the batch (model.norm, or a model.conv layer's norm)?"""
+        return self.norm == "batch" or any(layer.norm == "batch" for layer in self.conv)
+
 
 @dataclass(frozen=True)
 class OptimConfig:

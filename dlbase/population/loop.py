@@ -116,7 +116,9 @@ class Population:
         K0, p = len(self.members), self.progress
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.log(f"population: {K0} members of one shape ({self.configs[0].model.hidden}, {self.configs[0].optim.name}, "
+        m0 = self.configs[0].model
+        shape = (f"conv {[c.channels for c in m0.conv]}, hidden " if m0.conv else "") + str(m0.hidden)
+        self.log(f"population: {K0} members of one shape ({shape}, {self.configs[0].optim.name}, "
                  f"batch {self.B}) in one step on {self.device}; {self.steps_per_epoch} steps per epoch; run folders: "
                  f"{rundir.folder_list([m.folder for m in self.members])}")
         try:
@@ -306,7 +308,7 @@ class Population:
         weights = sum(p.numel() * p.element_size() for p in net.params)
         state = sum(t.numel() * t.element_size() for ts in opt.state.values() for t in ts)
         return (2 * weights + state + net.nbytes() - weights) // K + activation_bytes_per_member(
-            self.configs[0].model, net.encoding.out_features, self.B)
+            self.configs[0].model, net.encoding.out_features, self.B, self.data.input_shape)
 
 
 PLOT_MEMBERS = 16  # a larger population draws no plots by itself (dlbase plot draws any member's)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from dlbase.core.encoding import NoEncoding
 from dlbase.core.loss import outputs
-from dlbase.core.model import ACTIVATIONS, MLP
+from dlbase.core.model import ACTIVATIONS, MLP, conv_maps
 from dlbase.core.schema import ModelConfig
 from dlbase.population.base import MemberStack
 
@@ -135,9 +135,13 @@ def state_bytes_per_member(model: MLP, n_state: int) -> int:
     return 4 * n * (2 + n_state)
 
 
-def activation_bytes_per_member(model_cfg: ModelConfig, in_features: int, batch: int) -> int:
+def activation_bytes_per_member(model_cfg: ModelConfig, in_features: int, batch: int,
+                                 input_shape: tuple[int, int] = (28, 28)) -> int:
     """A member's activations kept for backward in one step, in bytes (float32), roughly: the gathered batch,
-    its encoding, and ~4 tensors per hidden layer (pre-activation, norm, activation, dropout mask)."""
+    its encoding, ~4 tensors per hidden layer (pre-activation, norm, activation, dropout mask), and for a CNN
+    ~5 per convolution's output map (the convolution's, norm, activation, pooling indices, pooled map)."""
     widths = sum(model_cfg.hidden) * 4 + 10 * 3
+    for layer, (c, ph, pw) in zip(model_cfg.conv, conv_maps(model_cfg.conv, input_shape)):
+        widths += c * ph * pw * (layer.pool * layer.pool * 4 + 1)  # 4 maps before the pooling, one after it
     return 4 * batch * (in_features * 2 + widths) + (1 << 16)
 

@@ -100,12 +100,12 @@ def available_memory(device: torch.device) -> int:
 
 def bytes_per_member(cfg: Config, input_shape: tuple[int, int] = (28, 28)) -> int:
     """A member's planned footprint: parameters, gradients, optimiser state and one step's activations."""
-    from dlbase.core.model import MLP, standardizes
+    from dlbase.core.model import build_model
     with torch.device("meta"):  # shapes only: no memory, no RNG
-        model = MLP(cfg.model, input_shape[0] * input_shape[1], standardize=standardizes(cfg))
+        model = build_model(cfg, input_shape, torch.device("meta"))
     d_in = model.encoding.out_features
     return (state_bytes_per_member(model, len(OPTIM_INFO[cfg.optim.name].state_keys))
-            + activation_bytes_per_member(cfg.model, d_in, cfg.train.batch_size))
+            + activation_bytes_per_member(cfg.model, d_in, cfg.train.batch_size, input_shape))
 
 
 def choose_k(cfg: Config, device: torch.device, max_members: Optional[int] = None,

@@ -81,9 +81,10 @@ def reasons(cfg: Config, device: torch.device, world: int = 1) -> list[tuple[str
                                         "torchrun"))
         if t.compile not in ("auto", "none"):
             bad.append(("train.compile", f"{t.compile} is not supported under torchrun yet; use auto or none"))
-        if cfg.model.norm == "batch" and device.type != "cuda":
-            bad.append(("model.norm", "batch under torchrun normalises across ranks with SyncBatchNorm, which torch "
-                                      "runs on CUDA only; use layer, or one process on the CPU"))
+        if cfg.model.uses_batch_norm and device.type != "cuda":
+            key = "model.norm" if cfg.model.norm == "batch" else "model.conv"  # a convolution's norm: batch
+            bad.append((key, "batch under torchrun normalises across ranks with SyncBatchNorm, which torch runs on "
+                             "CUDA only; use layer (model.norm) or none, or one process on the CPU"))
     return bad
 
 

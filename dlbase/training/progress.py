@@ -54,7 +54,7 @@ class EpochSizes:
 def epoch_sizes(cfg, n: int) -> EpochSizes:
     """The EpochSizes of config cfg over a training set of n samples (a single run and a population alike)."""
     B = cfg.train.batch_size
-    n_used = n - 1 if cfg.model.norm == "batch" and n % B == 1 and n > 1 else n
+    n_used = n - 1 if cfg.model.uses_batch_norm and n % B == 1 and n > 1 else n
     steps_per_epoch = -(-n_used // B)
     return EpochSizes(n_used, steps_per_epoch, cfg.train.max_steps or cfg.train.epochs * steps_per_epoch)
 

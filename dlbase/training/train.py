@@ -98,7 +98,7 @@ class Trainer:
         """DDP's wrapper under torchrun, and the Engine that runs the steps."""
         cfg, forward = self.cfg, None
         if self.group.enabled:  # gradients are averaged across ranks inside backward()
-            if cfg.model.norm == "batch":  # one set of batch statistics for the global batch, the same on all ranks
+            if cfg.model.uses_batch_norm:  # one set of batch statistics for the global batch, the same on all ranks
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             forward = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -170,7 +170,7 @@ class Trainer:
         self.log(f"data: {d.folder}  train {len(d.train)}, val {len(d.val) if d.val else 0}{fold}, test {len(d.test)} "
                  f"on {self.device}  ({self.plan.describe()})")
         if self.n_used < len(d.train):
-            self.log(f"model.norm: batch: {len(d.train)} samples at batch {self.cfg.train.batch_size} would leave a "
+            self.log(f"batch norm: {len(d.train)} samples at batch {self.cfg.train.batch_size} would leave a "
                      f"last batch of 1, which batch norm cannot normalise; each epoch leaves one random sample out")
 
     def _train_epoch(self) -> bool:
