@@ -193,11 +193,12 @@ class Engine:
         x = self.split.x.index_select(0, idx)  # (B, D), already normalised
         y = self.split.y.index_select(0, idx)  # (B,)
         if self.manual:  # gradients by the delta rule, written out in backprop.py; no autograd graph at all
+            # (every parameter's, a CNN's convolutions and batch norms included; their running statistics move too)
             logits, grads = backprop.manual_gradients(self.model, self.model_cfg, x.float(), y, self.cfg.loss,
                                                       self.cfg.label_smoothing)
             loss = self.loss_fn(logits, y)
-            for lin, (dw, db) in zip(backprop.linears(self.model), grads):
-                lin.weight.grad, lin.bias.grad = dw, db
+            for p, g in grads:
+                p.grad = g
         else:
             with autocast(self.plan, self.device):
                 logits = self.forward(x)
