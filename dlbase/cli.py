@@ -133,8 +133,9 @@ def gradcheck(
 ) -> None:
     """Check the hand-written delta rule against autograd, layer by layer, in float64.
 
-    Every weight and bias gradient of the configured MLP, on a batch of synthetic inputs in [0, 1] with
-    random labels; one row per layer; exit 1 when any layer differs by more than --tol.
+    Every weight and bias gradient of the configured MLP or CNN (28x28 images; batch norm on the batch's
+    statistics), on a batch of synthetic inputs in [0, 1] with random labels; one row per layer (conv, batch
+    norm, linear); exit 1 when any layer differs by more than --tol.
     """
     from dlbase.core.backprop import gradcheck_config
     from dlbase.core.config import load_config

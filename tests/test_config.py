@@ -332,13 +332,23 @@ def test_bad_conv_layers_name_the_layer_key_value_and_what_is_allowed(tmp_path, 
     ("model: {channels: 8}\n", "model.channels", ["did you mean model.conv[i].channels?"]),
     ("model: {convolutions: []}\n", "model.convolutions", ["did you mean model.conv?"]),
     (CONV2 + "  encoding: {name: fourier}\n", "model.encoding.name", ["fourier", "use none with model.conv"]),
-    (CONV2 + "train: {engine: manual}\n", "model.conv", ["train.engine: manual", "autograd"]),
+    (CONV2 + "  norm: batch\ntrain: {engine: manual}\n", "model.norm", ["train.engine: manual",
+                                                                         "model.conv[i].norm: batch is covered"]),
 ])
 def test_bad_conv_lists_and_combinations(tmp_path, text, key, words):
     msg = error_of(tmp_path, text)
     assert f": {key}: " in msg and "\n" not in msg, msg
     for w in words:
         assert w in msg, (w, msg)
+
+
+def test_the_manual_engine_takes_every_conv_layer(tmp_path):
+    """train.engine: manual covers model.conv (core/convprop.py): batch norm, stride, padding, either pooling,
+    dropout, a layer's own activation."""
+    text = ("model:\n  conv: [{channels: 4, kernel: 5, stride: 2, padding: 2, norm: batch, pool: 2, pool_type: avg, "
+            "dropout: 0.1, activation: tanh}, {channels: 8, kernel: 3, pool: 2}]\ntrain: {engine: manual}\n")
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.train.engine == "manual" and cfg.model.conv[0].norm == "batch"
 
 
 def test_set_reaches_into_a_conv_layer(tmp_path):

@@ -354,12 +354,10 @@ def cross_checks(cfg: Config) -> list[tuple[str, str]]:
                                            f"which model.conv's convolutions over the image do not take; use none "
                                            f"with model.conv"))
     if cfg.train.engine == "manual":
-        if cfg.model.conv:
-            bad.append(("model.conv", "convolutions are not covered by train.engine: manual yet (the hand-written "
-                                      "rule does Linear, activation and dropout); use engine autograd"))
-        if cfg.model.norm != "none":
+        if cfg.model.norm != "none":  # model.conv's layers are all covered (core/convprop.py), batch norm too
             bad.append(("model.norm", f"{cfg.model.norm} is not covered by train.engine: manual (the hand-written "
-                                      f"rule does Linear, activation and dropout); use none or engine autograd"))
+                                      f"rule does Linear, activation and dropout in the hidden layers; "
+                                      f"model.conv[i].norm: batch is covered); use none or engine autograd"))
         if cfg.model.encoding.name == "learned":
             bad.append(("model.encoding.name", "learned has trainable parameters that train.engine: manual does not "
                                                "differentiate; use none, fourier or gaussian, or engine autograd"))

@@ -201,11 +201,12 @@ class Engine:
         if self.augment is not None:
             x = self.augment(x)  # (B, D) from the run's own generator: device work only
         if self.manual:  # gradients by the delta rule, written out in backprop.py; no autograd graph at all
+            # (every parameter's, a CNN's convolutions and batch norms included; their running statistics move too)
             logits, grads = backprop.manual_gradients(self.model, self.model_cfg, x.float(), y, self.cfg.loss,
                                                       self.cfg.label_smoothing)
             loss = self.loss_fn(logits, y)
-            for lin, (dw, db) in zip(backprop.linears(self.model), grads):
-                lin.weight.grad, lin.bias.grad = dw, db
+            for p, g in grads:
+                p.grad = g
         else:
             with autocast(self.plan, self.device):
                 logits = self.forward(x)
