@@ -152,7 +152,8 @@ def test_pictures_tiny_writes_pngs_that_open(tiny_data, tmp_path):
     out = tmp_path / "pics"
     r = run(script("pictures.py", "--out", out, *TINY_SETS), tiny_data, tmp_path)
     assert r.returncode == 0, said(r)
-    names = {"curves.png", "confusion.png", "mistakes.png", "gradnorms_deep_sigmoid.png", "gradnorms_deep_relu.png"}
+    names = {"curves.png", "confusion.png", "mistakes.png", "filters.png", "gradnorms_deep_sigmoid.png",
+             "gradnorms_deep_relu.png"}
     assert {p.name for p in out.glob("*.png")} == names, said(r)
     for name in names:
         with Image.open(out / name) as im:
