@@ -110,8 +110,10 @@ def eval_(
                                              "the checkpoint's data.root.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text (with per_class "
                                  "accuracy and the confusion matrix)."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Also write confusion.png and mistakes.png (the "
-                                          "most confident misclassifications) into this folder.",
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write confusion.png, mistakes.png (the "
+                                          "most confident misclassifications) and filters.png (the first layer's "
+                                          "filters) into this folder, and for a CNN featuremaps.png (the split's "
+                                          "first image through each convolution layer).",
                                           show_default=False),
 ) -> None:
     """Report accuracy and mean loss of a checkpoint on a split; needs nothing but the checkpoint and the data."""

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call of the device tool (about 5 minutes on an H100/H200):
-# the CUDA tests, the speedrun over 5 seeds, bench at batch 128 and 512, a whole-command profile, and
+# Everything that needs a GPU, in one call of the device tool (about 6 minutes on an H100/H200):
+# the CUDA tests, the speedrun over 5 seeds, bench at batch 128 and 512, its CNN rows, a whole-command profile, and
 # (--results) the results table on CUDA. Stops at the first failing step with one line naming it
 # (KEEP_GOING=1 runs every step and exits non-zero at the end if any failed).
 # Run from the repo root with the MNIST IDX files in .data/mnist (or DLBASE_DATA set); outputs go to $OUT.
@@ -47,6 +47,8 @@ step "speedrun" 200 python3 scripts/speedrun.py --seeds "$SEEDS" "${SETS[@]}" --
 for b in "${BATCHES[@]}"; do
   step "bench $b" 150 python3 scripts/bench.py "${DEV[@]}" --batch-size $b "${BENCH[@]}" --json "$OUT/bench$b.json"
 done
+# pytorch/examples' CNN (their Net, torchvision, DataLoader) against configs/mnist_cnn.yaml, at their batch of 64
+step "bench cnn" 300 python3 scripts/bench.py "${DEV[@]}" --model cnn "${BENCH[@]}" --json "$OUT/bench_cnn.json"
 if [ "${DEVICE_CHECK_TINY:-0}" = 1 ]; then POP=(--device cpu --members 2 --epochs 1 --subset 400 --hidden 16)
 else POP=(--members 64 --epochs 3); fi
 step "population bench" 300 python3 scripts/population_bench.py "${POP[@]}" --out "$OUT/pop" --json "$OUT/population.json"

@@ -1,5 +1,5 @@
 """The pictures of README.md and docs/INSIDE.md, from real MNIST runs: docs/curves.png, docs/gradnorms_deep_sigmoid.png,
-docs/gradnorms_deep_relu.png, docs/confusion.png, docs/mistakes.png.
+docs/gradnorms_deep_relu.png, docs/confusion.png, docs/mistakes.png, docs/filters.png (the MLP's first-layer rows).
 
     python scripts/pictures.py            # about two minutes on a 2-core CPU
     python scripts/pictures.py --out /tmp/pics --set data.subset=300 --set train.epochs=1   # a quick check

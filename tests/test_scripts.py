@@ -97,6 +97,45 @@ def test_bench_refuses_an_unknown_way_before_running_any(tiny_data, tmp_path):
     assert "s/epoch" not in r.stdout and not out.exists()
 
 
+def test_bench_cnn_tiny_runs_the_examples_net_and_dlbase_s(tiny_data, tmp_path):
+    out = tmp_path / "bench.json"
+    r = run(script("bench.py", "--device", "cpu", "--model", "cnn", "--samples", 128, "--warmup", 0, "--epochs", 1,
+                   "--json", out, "--ways", "dataloader_w0", "dlbase_eager"), tiny_data, tmp_path)
+    assert r.returncode == 0, said(r)
+    result = json.loads(out.read_text())
+    assert result["model"] == "cnn" and result["failed"] == []
+    assert [row["way"] for row in result["rows"]] == ["dataloader_w0", "dlbase_eager"]
+    assert "pytorch/examples' CNN" in result["header"] and "batch 64, 128 samples/epoch" in result["header"]
+    for row in result["rows"]:
+        assert row["s_per_epoch"] > 0 and row["epochs_timed"] == 1 and row["vs_dataloader_w0"] > 0
+        assert f"| {row['way']} | " in r.stdout
+
+
+def test_bench_s_cnn_config_is_pytorch_examples_net(monkeypatch):
+    """The oracle of "the same net": configs/mnist_cnn.yaml built by dlbase, given the examples' Net's weights
+    and their Normalize's mean and std, computes the Net's log-probabilities."""
+    import torch
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench", bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    from dlbase.core.config import load_config
+    from dlbase.core.model import build_model
+
+    torch.manual_seed(0)
+    theirs = bench.ExamplesNet().eval()
+    ours = build_model(load_config(bench.MODELS["cnn"].config), (28, 28), torch.device("cpu")).eval()
+    assert [p.shape for p in ours.parameters()] == [p.shape for p in theirs.parameters()]
+    with torch.no_grad():
+        for mine, their in zip(ours.parameters(), theirs.parameters()):
+            mine.copy_(their)
+        ours.encoding.mean.fill_(0.1307)
+        ours.encoding.std.fill_(0.3081)
+        x = torch.rand(4, 784)
+        expected = theirs((x.view(4, 1, 28, 28) - 0.1307) / 0.3081)
+        assert torch.allclose(ours(x).log_softmax(-1), expected, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- speedrun.py
 
 
@@ -152,7 +191,8 @@ def test_pictures_tiny_writes_pngs_that_open(tiny_data, tmp_path):
     out = tmp_path / "pics"
     r = run(script("pictures.py", "--out", out, *TINY_SETS), tiny_data, tmp_path)
     assert r.returncode == 0, said(r)
-    names = {"curves.png", "confusion.png", "mistakes.png", "gradnorms_deep_sigmoid.png", "gradnorms_deep_relu.png"}
+    names = {"curves.png", "confusion.png", "mistakes.png", "filters.png", "gradnorms_deep_sigmoid.png",
+             "gradnorms_deep_relu.png"}
     assert {p.name for p in out.glob("*.png")} == names, said(r)
     for name in names:
         with Image.open(out / name) as im:
@@ -170,11 +210,11 @@ def test_device_check_tiny_passes_every_step(tiny_data, tmp_path):
     assert r.returncode == 0, said(r)
     assert r.stdout.rstrip().splitlines()[-1] == "device_check: all steps passed"
     assert "FAILED" not in r.stdout
-    for step in ("CUDA tests", "speedrun", "bench 128", "import profile", "command profile"):
+    for step in ("CUDA tests", "speedrun", "bench 128", "bench cnn", "import profile", "command profile"):
         assert f"== {step}\n" in r.stdout
     assert len(json.loads((out / "speedrun.json").read_text())["rows"]) == 1
-    assert [row["way"] for row in json.loads((out / "bench128.json").read_text())["rows"]] == \
-        ["dataloader_w0", "dlbase_eager"]
+    for name in ("bench128.json", "bench_cnn.json"):
+        assert [row["way"] for row in json.loads((out / name).read_text())["rows"]] == ["dataloader_w0", "dlbase_eager"]
     assert (out / "train.prof").stat().st_size > 0 and "cumulative" in (out / "train_profile.txt").read_text()
     assert (out / "log.txt").read_text().rstrip().endswith("device_check: all steps passed")
 

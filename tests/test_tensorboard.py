@@ -157,7 +157,8 @@ def test_eval_records_test_accuracy_and_report_images(tiny_config, tmp_path):
     assert record["best.ckpt"]["test"]["accuracy"] == r["accuracy"]
     ea = events(run.folder)
     assert ea.Scalars(METRICS["test_accuracy"])[-1].value == pytest.approx(r["accuracy"])
-    assert set(ea.Tags()["images"]) == {"eval/test_confusion", "eval/test_mistakes"}
+    # every PNG the report wrote (an MLP on plain pixels: its first layer's rows as filters too)
+    assert set(ea.Tags()["images"]) == {"eval/test_confusion", "eval/test_mistakes", "eval/test_filters"}
     img = ea.Images("eval/test_confusion")[-1]
     assert img.encoded_image_string == (tmp_path / "report" / "confusion.png").read_bytes() and img.width > 100
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,8 @@ SPLITS = ("test", "val", "train")
 def evaluate_checkpoint(ckpt: Path, split: str = "test", data_root: Optional[Path] = None,
                         report: Optional[Path] = None) -> dict:
     """`dlbase eval`: rebuild the model from the checkpoint alone, evaluate it on a split of its data, with
-    per-class accuracy and the confusion matrix; report: also write confusion.png and mistakes.png there."""
+    per-class accuracy and the confusion matrix; report: also write confusion.png, mistakes.png and the pictures
+    of the model's inside (filters.png; featuremaps.png for a CNN) there, listed in the result's report_files."""
     from dlbase.core.data import load_dataset
     from dlbase.training.engine import resolve_device
     from dlbase.core.loss import build_eval_loss
@@ -69,7 +70,7 @@ def evaluate_checkpoint(ckpt: Path, split: str = "test", data_root: Optional[Pat
         cm = confusion(predictions(model, part.x).cpu(), part.y.cpu())
         details = {"per_class": (cm.diag().double() / cm.sum(1).clamp_min(1).double()).tolist(),
                    "confusion": cm.tolist()}
-    record_eval(Path(ckpt), cfg.train.tensorboard, payload, split, result, report)
+    record_eval(Path(ckpt), cfg.train.tensorboard, payload, split, result, details.get("report_files", ()))
     return {"checkpoint": str(ckpt), "split": split, "n": result["n"], "accuracy": result["accuracy"],
             "loss": result["loss"], "epoch": int(payload["epoch"]), "dataset": cfg.data.dataset,
             "fold": payload.get("fold"), **details}
@@ -79,7 +80,7 @@ EVAL_FILE = "eval.json"  # in the run folder: per checkpoint name, its last eval
 
 
 def record_eval(ckpt: Path, tensorboard: bool, payload: dict, split: str, result: dict,
-                report: Optional[Path]) -> None:
+                pictures: Sequence[str] = ()) -> None:
     """Keep the evaluation with its run, for `dlbase runs` (eval.json) and TensorBoard (the test accuracy as the
     HParams metric, the report's PNGs as images). Only in a run folder; a folder we cannot write to (a checkpoint
     on read-only media) is left as it is: the result is still printed."""
@@ -100,10 +101,8 @@ def record_eval(ckpt: Path, tensorboard: bool, payload: dict, split: str, result
     entry[split] = {"accuracy": result["accuracy"], "loss": result["loss"], "n": result["n"],
                     "epoch": int(payload["epoch"]), "step": int(payload["step"])}
     record[ckpt.name] = entry
-    images = {}
-    if report is not None:
-        images = {f"eval/{split}_{name[:-4]}": (Path(report) / name).read_bytes()
-                  for name in ("confusion.png", "mistakes.png") if (Path(report) / name).is_file()}
+    # the PNGs this evaluation's --report wrote (never an older one left in that folder)
+    images = {f"eval/{split}_{Path(p).stem}": Path(p).read_bytes() for p in pictures}
     try:
         rundir.write_atomic(path, json.dumps(record, indent=1), "eval.json")
         if tensorboard:
@@ -119,5 +118,6 @@ def format_result(r: dict, report: Optional[Path] = None) -> str:
              + (f", cross-validation fold {r['fold'][0] + 1} of {r['fold'][1]}" if r.get("fold") else "") + ")",
              "per class: " + "  ".join(f"{k}: {100 * a:.1f}%" for k, a in enumerate(r["per_class"]))]
     if report is not None:
-        lines.append(f"report: {Path(report) / 'confusion.png'}, {Path(report) / 'mistakes.png'}")
+        lines.append("report: " + ", ".join(r.get("report_files") or [str(Path(report) / n) for n in
+                                                                      ("confusion.png", "mistakes.png")]))
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Pictures and evaluation reports: training curves, gradient norms, confusion matrix, worst mistakes (PNG)."""
+"""Pictures and evaluation reports: training curves, gradient norms, confusion matrix, worst mistakes (PNG); the
+report's pictures of the model's inside are filters.py's."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -157,7 +158,11 @@ def confusion(probs: torch.Tensor, y: torch.Tensor, num_classes: int = 10) -> to
 
 def eval_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, input_shape: tuple[int, int],
                 out_dir: Path, title: str, n_worst: int = 24) -> dict:
-    """confusion.png and mistakes.png in out_dir; returns per_class accuracy and the confusion matrix."""
+    """confusion.png and mistakes.png in out_dir, and what filters.py draws of the model's inside (filters.png:
+    the first layer's filters; featuremaps.png for a CNN: the split's first image through its convolutions);
+    returns per_class accuracy, the confusion matrix and the files written (report_files)."""
+    from dlbase.training.filters import inside_figures
+
     plt = _plt()
     out_dir = Path(out_dir)
     try:
@@ -168,7 +173,17 @@ def eval_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, input_
     y = y.cpu()
     cm = confusion(probs, y)
     per_class = (cm.diag().double() / cm.sum(1).clamp_min(1).double()).tolist()
+    pred = probs.argmax(-1)
+    figures = {"confusion.png": _confusion_figure(plt, cm, title),
+               "mistakes.png": _mistakes_figure(plt, x, y, probs, input_shape, title, n_worst),
+               **inside_figures(plt, model, x, y, pred, input_shape, title)}
+    for name, fig in figures.items():
+        _save(plt, fig, out_dir / name)
+    return {"per_class": per_class, "confusion": cm.tolist(), "report_files": [str(out_dir / n) for n in figures]}
 
+
+def _confusion_figure(plt, cm: torch.Tensor, title: str):
+    """confusion.png's figure: the (C, C) counts, coloured by the share of the true class."""
     fig, ax = plt.subplots(figsize=(7.5, 6.5), constrained_layout=True)
     rates = cm.double() / cm.sum(1, keepdim=True).clamp_min(1)
     im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
@@ -180,8 +195,12 @@ def eval_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, input_
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted class", ylabel="true class",
            title=f"{title}\nconfusion matrix (counts; colour = share of the true class)")
     fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true class")
-    _save(plt, fig, out_dir / "confusion.png")
+    return fig
 
+
+def _mistakes_figure(plt, x: torch.Tensor, y: torch.Tensor, probs: torch.Tensor, input_shape: tuple[int, int],
+                     title: str, n_worst: int):
+    """mistakes.png's figure: the n_worst most confident misclassifications, with what was said and how surely."""
     pred = probs.argmax(-1)
     wrong = (pred != y).nonzero().flatten()
     conf = probs[wrong, pred[wrong]]
@@ -198,5 +217,4 @@ def eval_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, input_
         ax.set_title(f"true {int(y[i])}, said {int(pred[i])}\n({100 * float(probs[i, pred[i]]):.0f}% sure)",
                      fontsize=8)
     fig.suptitle(f"{title}: the {len(worst)} most confident mistakes of {len(wrong)}", fontsize=11)
-    _save(plt, fig, out_dir / "mistakes.png")
-    return {"per_class": per_class, "confusion": cm.tolist()}
+    return fig
