@@ -18,8 +18,13 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show or check a config without training.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+recipes_app = typer.Typer(help="List the recipes bundled with dlbase: name, measured test accuracy (or unmeasured) "
+                          "and the idea in one line. Any of them runs from any folder as --config NAME; `dlbase "
+                          "recipes copy NAME` writes one out to edit.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
 
-CONFIG_HELP = "YAML config file, e.g. configs/mnist_mlp.yaml."
+CONFIG_HELP = ("YAML config file, e.g. configs/mnist_mlp.yaml, or the name of a bundled recipe (mnist_mlp; "
+               "dlbase recipes lists them); a file that exists wins.")
 SET_HELP = ("Override one key: --set optim.lr=0.01 --set model.hidden=[256,256] --set model.conv[0].kernel=5. "
             "Dotted key, value parsed as YAML; repeat for more. Checked like the file.")
 
@@ -316,6 +321,37 @@ def config_schema(
     else:
         write_atomic(out, text, "schema")
         typer.echo(str(out))
+
+
+@recipes_app.callback()
+@user_errors
+def recipes(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per recipe, one per line (with where and "
+                                 "when its accuracy was measured)."),
+) -> None:
+    """The table (or --json) of the bundled recipes, unless a subcommand (copy) was asked for."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from dlbase.tools.recipes import as_json as recipe_json, list_recipes, table
+
+    found = list_recipes()
+    typer.echo("\n".join(json.dumps(recipe_json(r)) for r in found) if as_json else table(found))
+
+
+@recipes_app.command("copy")
+@user_errors
+def recipes_copy(
+    name: str = typer.Argument(..., help="A bundled recipe's name (dlbase recipes lists them).", show_default=False),
+    dest: Optional[Path] = typer.Argument(None, help="An existing folder, or a file path ending .yaml. Default: "
+                                          "the current folder.", show_default=False),
+    force: bool = typer.Option(False, "--force", help="Replace the file if it exists."),
+) -> None:
+    """Write a bundled recipe out, byte for byte, to edit it; prints the file and the command that runs it."""
+    from dlbase.tools.recipes import copy, next_steps
+
+    target = copy(name, dest, force)
+    typer.echo("\n".join([str(target), *next_steps(target)]))
 
 
 def main(fast_exit: bool = True) -> None:

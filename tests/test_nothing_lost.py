@@ -297,6 +297,7 @@ def _argv(precious: Path):
                              "torchscript", "0", "-1", "nan", "1e309", "\x00", "é", "--help"])
     commands = st.sampled_from([["train"], ["eval"], ["export"], ["predict"], ["plot"], ["sweep"], ["gradcheck"],
                                 ["config", "show"], ["config", "validate"], ["config", "schema"], ["runs"], ["config"],
+                                ["recipes"], ["recipes", "copy"],
                                 ["nosuch"], []])
     return st.tuples(commands, st.lists(st.one_of(paths, words), max_size=6)).map(lambda t: [*t[0], *t[1]])
 

@@ -183,6 +183,15 @@ def test_results_refuses_an_unknown_config_name(tiny_data, tmp_path):
     assert not out.exists()
 
 
+def test_results_stamps_only_the_recipes_as_written(tiny_data, tmp_path):
+    # --stamp writes each figure into its recipe (`dlbase recipes` shows it): a run with other settings may not
+    before = {p: p.read_bytes() for p in (REPO / "configs").glob("*.yaml")}
+    r = run(script("results.py", "--stamp", *TINY_SETS, "--out", tmp_path / "RESULTS.md"), tiny_data, tmp_path)
+    assert r.returncode == 2, said(r)
+    assert "--stamp writes the figure into the recipe itself" in r.stderr and "device=" in r.stderr
+    assert {p: p.read_bytes() for p in (REPO / "configs").glob("*.yaml")} == before
+
+
 # ----------------------------------------------------------------------------- pictures.py
 
 

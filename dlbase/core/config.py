@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from dlbase.core import recipes
 from dlbase.core.checker import Checker, show, suggest
 from dlbase.core.errors import ConfigError
 from dlbase.core.schema import (ACTIVATIONS, COMPILES, DATASETS, ENCODINGS, FUSED_OPTIMIZERS,  # noqa: F401 (re-exported)
@@ -72,10 +73,17 @@ def parse_yaml(text: str, source: str) -> Any:
 
 
 def read_config_file(path: str | os.PathLike) -> Any:
-    """Read a YAML file into plain Python values; every failure is a ConfigError naming the file."""
+    """Read a YAML file into plain Python values; every failure is a ConfigError naming the file. A path that does
+    not exist may name a bundled recipe (`mnist_mlp` or `mnist_mlp.yaml`, see core/recipes.py): a file that
+    exists always wins, and so does the copy ./mnist_mlp.yaml being edited in the current folder."""
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"{p}: config file not found")
+        found = recipes.locate(str(path))
+        if found is None:
+            raise ConfigError(recipes.unknown(str(path), "config file not found, nor a bundled recipe of that name"))
+        if not isinstance(found, Path):  # package data that is no file (a zipped install): read it whole
+            return parse_yaml(_utf8(found.read_bytes(), str(path)), str(path))
+        p = found  # the bundled recipe's file, or the user's copy ./NAME.yaml of it
     if p.is_dir():
         raise ConfigError(f"{p}: is a directory, expected a YAML config file")
     try:
@@ -85,11 +93,14 @@ def read_config_file(path: str | os.PathLike) -> Any:
         raise ConfigError(f"{p}: cannot read config file: {e.strerror or e}") from None
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{p}: config file is over {MAX_CONFIG_BYTES} bytes; a run config is a few hundred")
+    return parse_yaml(_utf8(raw, str(p)), str(p))
+
+
+def _utf8(raw: bytes, source: str) -> str:
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
-    return parse_yaml(text, str(p))
+        raise ConfigError(f"{source}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -196,7 +207,7 @@ def _deep_copy(v: Any) -> Any:
 
 
 def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read, override and validate a config file. path None: the defaults."""
+    """Read, override and validate a config file (or a bundled recipe by its name). path None: the defaults."""
     raw = read_config_file(path) if path is not None else {}
     return config_from_dict(raw, str(path) if path is not None else "<defaults>", overrides)
 
