@@ -465,3 +465,18 @@ def test_a_storage_failing_mid_sweep_is_one_line_naming_it_without_its_password(
     text = str(e.value)
     assert "postgresql://me:***@db.example/sweeps" in text and "secret" not in text and "rerun" in text
     assert "\n" not in text and e.value.exit_code == 2
+
+
+def test_a_key_added_since_a_sweep_started_is_no_change_at_its_default():
+    """A sweep folder written before model.conv and train.augment existed still resumes: its stored base config
+    lacks them, and at their defaults they are what its trials did; set to something else, they are a change."""
+    from dlbase.core.config import to_dict
+    from dlbase.core.schema import Config
+    from dlbase.search.spec import changed_keys
+    now = to_dict(Config())
+    old = {**now, "model": {k: v for k, v in now["model"].items() if k != "conv"},
+           "train": {k: v for k, v in now["train"].items() if k != "augment"}}
+    assert changed_keys(old, now) == []
+    moved = {**now, "train": {**now["train"], "augment": {**now["train"]["augment"], "translate": 2}}}
+    assert changed_keys(old, moved) == ["train.augment.translate: (absent) -> 2"]
+    assert changed_keys(now, {**now, "seed": 3}) == ["seed: 0 -> 3"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from dlbase.core.config import Config, config_from_dict, parse_yaml, read_config_file
+from dlbase.core.config import Config, config_from_dict, parse_yaml, read_config_file, to_dict
 from dlbase.core.errors import ConfigError
 from dlbase.core.schema import UNSWEPT_KEYS
 from dlbase.search.space import METHODS, PRUNERS, decode, encode, slots
@@ -239,10 +239,17 @@ _ABSENT = object()
 
 def changed_keys(stored: dict, now: dict) -> list[str]:
     """'key: old -> new' for each dotted key whose value differs between two resolved configs (to_dict); where
-    the files go (WHERE_KEYS) is not compared."""
+    the files go (WHERE_KEYS) is not compared. A key the stored config lacks because it was added to dlbase
+    since (model.conv, train.augment, ...) is no change while it keeps its default: that is what the run did."""
     a, b = flat(stored), flat(now)
+    defaults = flat(to_dict(Config()))
+
+    def changed(k: str) -> bool:
+        if k not in a and k in defaults and b.get(k, _ABSENT) == defaults[k]:
+            return False
+        return a.get(k, _ABSENT) != b.get(k, _ABSENT)
     return [f"{k}: {cell(a.get(k, '(absent)'))} -> {cell(b.get(k, '(absent)'))}"
-            for k in sorted(a.keys() | b.keys()) if k not in WHERE_KEYS and a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+            for k in sorted(a.keys() | b.keys()) if k not in WHERE_KEYS and changed(k)]
 
 
 def flat(d: dict, prefix: str = "") -> dict:
