@@ -107,13 +107,18 @@ def plan(cfg: TrainConfig, device: torch.device, encoding: str, optimizer: str =
 
 
 def set_matmul_precision(p: Plan, device: torch.device) -> None:
-    """fp32 means fp32: TF32 matmuls only when train.precision is tf32. (torch keeps this process-wide.)"""
+    """fp32 means fp32: TF32 matmuls and convolutions only when train.precision is tf32 (cuDNN's convolutions
+    default to TF32 in torch, so a CNN at fp32 would not be). torch keeps this process-wide."""
     if device.type == "cuda":
         tf32 = p.precision == "tf32"
         if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
             torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
         else:  # pragma: no cover - older torch
             torch.backends.cuda.matmul.allow_tf32 = tf32
+        if hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):  # torch >= 2.9
+            torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
+        else:  # pragma: no cover - older torch
+            torch.backends.cudnn.allow_tf32 = tf32
 
 
 def autocast(p: Plan, device: torch.device):
