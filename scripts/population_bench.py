@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dlbase.core.config import load_config  # noqa: E402
-from dlbase.core.model import build_model  # noqa: E402
+from dlbase.core.model import build_model, zero_grad_before_batch_norm  # noqa: E402
 from dlbase.population.train import train_population  # noqa: E402
 from dlbase.population.loop import peak_rss_bytes  # noqa: E402
 from dlbase.population.steppers import stack_members  # noqa: E402
@@ -149,6 +149,17 @@ def member_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1).sum()
 
 
+def copies(models: list) -> list:
+    """Deep copies of the members, with the hooks that copy.deepcopy drops put back: the exact zero gradient of
+    each bias just before a batch norm (model.py's zero_grad_before_batch_norm, named in exact_zero_grad)."""
+    out = copy.deepcopy(models)
+    for m in out:
+        params = dict(m.named_parameters())
+        for name in m.exact_zero_grad:
+            zero_grad_before_batch_norm(params[name])
+    return out
+
+
 def vmap_way(models: list, cfgs: list):
     """torch.func's vmap over the members (dlbase's VmappedModel): step(x, y) -> logits, and the gradients."""
     net = VmappedModel(models, cfgs)
@@ -178,6 +189,8 @@ def loop_way(models: list):
 def grouped_way(models: list):
     """The K members as grouped convolutions and baddbmm heads (grouped_cnn) over their stacked tensors."""
     P, Bf = torch.func.stack_module_state(models)  # (K, ...) leaves, in named_parameters() order
+    for name in models[0].exact_zero_grad:  # as VmappedModel does for its stacked leaves
+        zero_grad_before_batch_norm(P[name])
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for p in P.values():
@@ -208,7 +221,7 @@ def ieee_fp32():
 def distinct(models: list, g: torch.Generator) -> list:
     """Copies of the members whose batch norms' scales and shifts and input standardisation differ from member to
     member (as built they are all 1 and 0), so that the check sees one member's taken for another's."""
-    out = [copy.deepcopy(m) for m in models]
+    out = copies(models)
     for m in out:
         for name, t in [*m.named_parameters(), *m.named_buffers()]:
             if name.endswith((".weight", ".bias")) and t.dim() == 1 or name in ("encoding.mean", "encoding.std"):
@@ -227,10 +240,10 @@ def check_cnn_ways(models: list, cfgs: list, device: torch.device, B: int) -> di
     y = torch.randint(0, 10, (len(models), B), generator=g).to(device)  # (K, B)
     out = {}
     with ieee_fp32():
-        step, grads = loop_way(copy.deepcopy(models))
+        step, grads = loop_way(copies(models))
         ref, ref_grads = step(x, y).detach(), grads()
-        for name, (step, grads) in (("vmap", vmap_way(copy.deepcopy(models), cfgs)),
-                                    ("grouped", grouped_way(copy.deepcopy(models)))):
+        for name, (step, grads) in (("vmap", vmap_way(copies(models), cfgs)),
+                                    ("grouped", grouped_way(copies(models)))):
             out[f"{name}_logits"] = (step(x, y).detach() - ref).abs().max().item()
             out[f"{name}_grads"] = max((a - b).abs().max().item() for a, b in zip(grads(), ref_grads))
     return {**out, "tolerance": MAX_DIFF, "passed": max(out.values()) <= MAX_DIFF}
@@ -255,8 +268,8 @@ def cnn_step_times(cfg, K: int, device: torch.device, steps: int = 20) -> tuple[
     B = cfg.train.batch_size
     check = check_cnn_ways(models, [model] * K, device, B)
     x, y = torch.rand(K, B, 784, device=device), torch.randint(0, 10, (K, B), device=device)
-    ways = {"vmap": vmap_way(copy.deepcopy(models), [model] * K)[0], "loop": loop_way(copy.deepcopy(models))[0],
-            "grouped": grouped_way(copy.deepcopy(models))[0]}
+    ways = {"vmap": vmap_way(copies(models), [model] * K)[0], "loop": loop_way(copies(models))[0],
+            "grouped": grouped_way(copies(models))[0]}
     spent = dict.fromkeys(ways, 0.0)
     rounds = max(1, min(5, steps))
     for r in range(-1, rounds):  # round -1: the warm-up
