@@ -376,6 +376,67 @@ def test_population_bench_runs_tiny(tiny_data, tmp_path):
     assert "ratio" in r.stdout
 
 
+TINY_CNN = """
+name: tinycnn
+device: cpu
+data: {{root: {root}, download: false, normalize: standard}}
+model:
+  conv:
+    - {{channels: 3, kernel: 3, pool: 2}}
+    - {{channels: 4, kernel: 3, norm: batch, pool: 2, pool_type: avg, dropout: 0.1}}
+  hidden: [8]
+  norm: batch
+optim: {{lr: 0.01}}
+train: {{epochs: 1, batch_size: 16}}
+"""  # both conv layers' kinds (bias, batch norm), both poolings, a head with a hidden layer and its batch norm
+
+
+def test_population_bench_runs_a_tiny_cnn(tiny_data, tmp_path):
+    """A CNN: sequential vs the vmap population end to end (the hand-stacked MLP skipped, saying why), and the
+    one-step timing of vmap, the loop and grouped convolutions, whose check against the loop passed."""
+    (tmp_path / "cnn.yaml").write_text(TINY_CNN.format(root=tiny_data))
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "population_bench.py"), "--device", "cpu",
+                        "--config", str(tmp_path / "cnn.yaml"), "--members", "2", "--epochs", "1", "--subset", "300",
+                        "--steps", "2", "--out", str(tmp_path / "bench"), "--json", str(tmp_path / "bench.json")],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads((tmp_path / "bench.json").read_text())
+    assert out["population_s"] is None and out["ratio"] is None and "only MLPs" in out["stacked_skipped"]
+    assert out["ratio_vmap"] == pytest.approx(out["sequential_s"] / out["population_vmap_s"])
+    assert len(out["val_accuracy_population_vmap"]) == 2
+    fw, check = out["forward"], out["grouped_check"]
+    assert all(fw[f"{way}_ms"] > 0 for way in ("vmap", "loop", "grouped")) and fw["batch"] == 16 and fw["dropout_off"]
+    assert fw["grouped_over_vmap"] == pytest.approx(fw["grouped_ms"] / fw["vmap_ms"])
+    assert check["passed"] and max(check[k] for k in ("grouped_logits", "grouped_grads", "vmap_logits",
+                                                      "vmap_grads")) <= 1e-4
+    assert "population: skipped" in r.stdout and "grouped convolutions check" in r.stdout and "passed" in r.stdout
+    assert "ratio (sequential / population vmap)" in r.stdout
+
+
+def test_the_grouped_convolutions_check_catches_one_member_taken_for_another(tiny_data, tmp_path, monkeypatch):
+    """The oracle of the check itself: grouped_cnn with one layer's members in the wrong order fails it."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("population_bench", REPO / "scripts" / "population_bench.py")
+    pb = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "population_bench", pb)
+    spec.loader.exec_module(pb)
+    (tmp_path / "cnn.yaml").write_text(TINY_CNN.format(root=tiny_data))
+    cfg = load_config(tmp_path / "cnn.yaml")
+    model = pb.no_dropout(cfg.model)
+    models = [pb.build_model(dataclasses.replace(cfg, seed=j, model=model), (28, 28), torch.device("cpu"))
+              for j in range(2)]
+    assert pb.check_cnn_ways(models, [model] * 2, torch.device("cpu"), 8)["passed"]
+    right = pb.grouped_cnn
+    for layer in ("encoding.", "features.0.", "features.3.", "features.4.", "net.0.", "net.1.", "net.3."):
+        def swapped(cnn, P, Bf, x, layer=layer):  # this layer's stacked tensors with the members swapped
+            def flip(d):
+                return {k: v.flip(0) if k.startswith(layer) else v for k, v in d.items()}
+            return right(cnn, flip(P), flip(Bf), x)
+        monkeypatch.setattr(pb, "grouped_cnn", swapped)
+        check = pb.check_cnn_ways(models, [model] * 2, torch.device("cpu"), 8)
+        assert not check["passed"] and check["vmap_grads"] <= 1e-4, layer
+
+
 @cuda
 @pytest.mark.cuda
 def test_member_equals_lone_run_on_cuda(base):
