@@ -326,7 +326,7 @@ def end_to_end(cfgs: list, ways: tuple, device: torch.device) -> dict:
     for how in ways:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        suffix = {"stacked": "-pop", "vmap": "-vmap"}[how]
+        suffix = {"stacked": "-pop", "vmap": "-vmap", "loop": "-loop"}[how]
         t0 = time.perf_counter()
         pop = train_population([dataclasses.replace(c, name=c.name + suffix) for c in cfgs], log=lambda s: None,
                                stepper=how)
@@ -347,6 +347,9 @@ def figures(args, device: torch.device, where: str, runs: dict, fw: dict, check)
            "train_seconds_population_vmap": steps(vpop), "peak_bytes_per_member": (pop or vpop)[0].peak_bytes,
            "peak_rss_bytes": peak_rss_bytes(), "forward": fw, "val_accuracy_sequential": [r.best_value for r in seq],
            "val_accuracy_population": [r.best_value for r in pop] if pop else None}
+    if "loop" in runs:
+        out.update(population_loop_s=runs["loop"][1],
+                   train_seconds_population_loop=steps(runs["loop"][0]), ratio_loop=t_seq / runs["loop"][1])
     if check is not None:
         out.update(ratio_vmap=t_seq / t_vmap, stacked_skipped=STACKED_SKIP, grouped_check=check,
                    val_accuracy_population_vmap=[r.best_value for r in vpop])
@@ -374,6 +377,11 @@ def say_end_to_end(out: dict, runs: dict, device: torch.device) -> None:
     if pop:
         print("best val_accuracy, population: " + ", ".join(f"{v:.4f}" for v in out["val_accuracy_population"]))
     print("best val_accuracy, population (vmap): " + ", ".join(f"{r.best_value:.4f}" for r in vpop))
+    if "loop" in runs:  # a CNN: the population's loop over its members (auto on the CPU)
+        lpop, t_loop = runs["loop"]
+        print(f"population: {t_loop:.2f} s end to end ({sum(r.train_seconds for r in lpop):.2f} s of training steps)"
+              f"  [torch.func, a loop over the members]; ratio (sequential / population loop): "
+              f"{out['sequential_s'] / t_loop:.2f}x end to end")
 
 
 def parse_args() -> argparse.Namespace:
@@ -409,7 +417,7 @@ def main() -> int:
         fw, check = step_times(cfgs[0], args.members, device, args.steps), None
         print(f"one step of {args.members} stacked MLPs (forward, cross-entropy, backward): hand-stacked baddbmm "
               f"{fw['baddbmm_ms']:.2f} ms, torch.func vmap {fw['vmap_ms']:.2f} ms")
-    runs = end_to_end(cfgs, ("vmap",) if cnn else ("stacked", "vmap"), device)
+    runs = end_to_end(cfgs, ("vmap", "loop") if cnn else ("stacked", "vmap"), device)
     failed = [str(r.folder) for rs, _ in runs.values() for r in rs if r.status != "finished"]
     out = figures(args, device, where, runs, fw, check)
     say_end_to_end(out, runs, device)

@@ -98,7 +98,7 @@ def alone(cfg):
 # ----------------------------------------------------------------------------- members equal lone runs
 
 
-@pytest.mark.parametrize("stepper", ["stacked", "vmap"])
+@pytest.mark.parametrize("stepper", ["stacked", "vmap", "loop"])
 @pytest.mark.parametrize("optim", list(OPTIM_INFO))
 def test_member_equals_lone_run_for_every_optimiser(base, optim, stepper):
     """Two members with their own seed, lr, weight decay and optimiser constants; each equals train() alone,
@@ -125,7 +125,7 @@ def test_member_equals_lone_run_for_every_schedule(base):
         assert_same_run(r.folder, alone(cfg))
 
 
-@pytest.mark.parametrize("stepper", ["stacked", "vmap"])
+@pytest.mark.parametrize("stepper", ["stacked", "vmap", "loop"])
 @pytest.mark.parametrize("model", [{"norm": "batch"}, {"norm": "layer", "activation": "tanh"},
                                    {"encoding": {"name": "learned", "num_freqs": 2}},
                                    {"encoding": {"name": "fourier", "num_freqs": 2}}])
@@ -622,23 +622,24 @@ def test_the_vmap_stepper_takes_any_module_and_refuses_per_member_dropout(base):
     torch.testing.assert_close(net.params[0].grad[1], alone.conv.weight.grad)
     with pytest.raises(ConfigError, match="model.dropout"):
         VmappedModel(models[:2], [base.model, dataclasses.replace(base.model, dropout=0.5)])
-    with pytest.raises(ConfigError, match="needs 'vmap'"):
+    with pytest.raises(ConfigError, match="needs 'vmap' or 'loop'"):
         stack_members(models, [base.model] * 3, "stacked")
 
 
 # ----------------------------------------------------------------------------- a population of CNNs (model.conv)
 
 
-def test_cnn_members_equal_lone_runs(base):
-    """A model family the hand-stacked MLP knows nothing of: torch.func's vmap stacks CNN members (batch norm's
-    running statistics per member, average pooling, per-member lr, weight decay and clipping), and each equals
-    train() alone."""
+@pytest.mark.parametrize("stepper", ["vmap", "loop"])
+def test_cnn_members_equal_lone_runs(base, stepper):
+    """A model family the hand-stacked MLP knows nothing of: torch.func stacks CNN members (batch norm's running
+    statistics per member, average pooling, per-member lr, weight decay and clipping), through one vmap or a loop
+    over the members (auto on the CPU), and each equals train() alone."""
     from dlbase.core.schema import ConvLayerConfig as Conv
     conv = (Conv(channels=3, kernel=5, pool=2, norm="batch"), Conv(channels=4, kernel=3, pool=2, pool_type="avg"))
     shared = vary(base, "c", model={"conv": conv}, optim={"lr": 0.003})
     cfgs = [vary(shared, "a", top={"seed": 1}),
             vary(shared, "b", top={"seed": 2}, optim={"lr": 0.01, "weight_decay": 0.01}, train={"grad_clip": 0.5})]
-    results = train_population(cfgs, log=quiet)
+    results = train_population(cfgs, log=quiet, stepper=stepper)
     for cfg, r in zip(cfgs, results):
         assert losses(r.folder)[-1] < losses(r.folder)[0]  # it learns
         assert_same_run(r.folder, alone(cfg))
@@ -654,7 +655,7 @@ def test_dlbase_train_seeds_of_a_cnn(tmp_path, base):
     assert all((tmp_path / "ckpt" / f"p-seed{s}" / "best.ckpt").exists() for s in (0, 1))
 
 
-@pytest.mark.parametrize("stepper", ["stacked", "vmap"])
+@pytest.mark.parametrize("stepper", ["stacked", "vmap", "loop"])
 def test_augmented_members_equal_lone_runs(base, stepper):
     """train.augment inside the population's step: each member draws from its own generator, seeded as its
     lone run's, and the draws are applied to the whole (K*B) batch at once; each member equals train() alone."""

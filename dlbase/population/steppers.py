@@ -11,26 +11,30 @@ from dlbase.core.augment import Draws, apply
 from dlbase.core.model import MLP
 from dlbase.population.stacked import StackedMLP, clip_grad_norms, member_losses
 from dlbase.training.engine import autocast
-from dlbase.population.vmapped import VmappedModel
+from dlbase.population.vmapped import LoopedModel, VmappedModel
 
 # how a population's members are stacked: the hand-stacked MLP (torch.baddbmm; stacked.py), or torch.func over
-# whatever build_model makes (vmapped.py). scripts/population_bench.py measured the hand-stacked one faster for
-# MLPs on this CPU (9% of the steps for 4 x [512, 512], 32% for 4 x [64]; BENCHMARKS.md), so auto takes it for
-# MLPs and torch.func for every other model. (On a GPU: not measured yet.)
-STEPPERS = ("auto", "stacked", "vmap")
+# whatever build_model makes (vmapped.py), with one vmap over the members or a loop over them. On this CPU
+# scripts/population_bench.py measured the hand-stacked one faster for MLPs (9% of the steps for 4 x [512, 512],
+# 32% for 4 x [64]) and, for CNNs (4 x mnist_cnn_cpu_speedrun), the loop faster than vmap (one step: loop 0.68x of
+# vmap's time; BENCHMARKS.md). So auto takes the hand-stacked MLP for MLPs, and for other models the loop on the
+# CPU and vmap on CUDA (where one vmap'd kernel per layer should beat K small ones: not measured yet).
+STEPPERS = ("auto", "stacked", "vmap", "loop")
 
 
 def stack_members(models: Sequence[torch.nn.Module], cfgs: Sequence, stepper: str = "auto"):
-    """The members' models as one stacked model (StackedMLP or VmappedModel: one interface)."""
+    """The members' models as one stacked model (StackedMLP, VmappedModel or LoopedModel: one interface)."""
     from dlbase.core.errors import ConfigError
     if stepper not in STEPPERS:
         raise ConfigError(f"population stepper {stepper!r} is not one of {', '.join(STEPPERS)}")
     mlp = all(type(m) is MLP for m in models)
     if stepper == "stacked" and not mlp:
-        raise ConfigError("population stepper 'stacked' is the hand-stacked MLP; this model needs 'vmap' (or auto)")
+        raise ConfigError("population stepper 'stacked' is the hand-stacked MLP; this model needs 'vmap' or 'loop' "
+                          "(or auto)")
     if stepper == "auto":
-        stepper = "stacked" if mlp else "vmap"
-    return VmappedModel(models, cfgs) if stepper == "vmap" else StackedMLP(models, cfgs)
+        on_cuda = next(models[0].parameters()).device.type == "cuda"
+        stepper = "stacked" if mlp else ("vmap" if on_cuda else "loop")
+    return {"vmap": VmappedModel, "loop": LoopedModel, "stacked": StackedMLP}[stepper](models, cfgs)
 
 
 class PopStepper:

@@ -47,3 +47,19 @@ class VmappedModel(MemberStack):
             return torch.func.functional_call(self.template, (params, buffers), (xk,))
         return torch.func.vmap(one, randomness="different")(dict(zip(self.names, self.params)),
                                                             dict(zip(self.buffer_names, self.buffers)), x)
+
+class LoopedModel(VmappedModel):
+    """The same stacked tensors, each member's forward run in turn (functional_call on row k of every stacked
+    parameter and buffer, a Python loop over the members), then the logits stacked. scripts/population_bench.py
+    measured this faster than vmap for CNNs on the CPU (vmap'd convolutions cost more than K small ones there).
+    Batch norm updates its running statistics in place on the row views, i.e. in the stacked buffers."""
+
+    def forward(self, x: torch.Tensor, training: bool = True) -> torch.Tensor:
+        """x (K, B, ...) -> logits (K, B, C)."""
+        self.template.train(training)
+        out = []
+        for k in range(self.K):
+            tensors = ({n: p[k] for n, p in zip(self.names, self.params)},
+                       {n: b[k] for n, b in zip(self.buffer_names, self.buffers)})
+            out.append(torch.func.functional_call(self.template, tensors, (x[k],)))
+        return torch.stack(out)
