@@ -667,3 +667,27 @@ def test_augmented_members_equal_lone_runs(base, stepper):
     for cfg, r in zip(cfgs, results):
         assert "augment" in checkpoint.load(r.folder / "last.ckpt")["rng"]
         assert_same_run(r.folder, alone(cfg))
+
+
+def test_an_augmented_seeds_population_stopped_mid_epoch_resumes_as_if_never_stopped(base, tmp_path, monkeypatch):
+    """The same with train.augment: each member's augmentation generator is saved in its checkpoint
+    (rng["augment"]) and restored, so the resumed population draws what the uninterrupted one drew."""
+    cfg, runner = tmp_path / "pop.yaml", CliRunner()
+    aug = ["--set", "train.augment.translate=2", "--set", "train.augment.degrees=10",
+           "--set", "train.augment.elastic_alpha=4"]
+    with monkeypatch.context() as m:
+        m.setattr("dlbase.population.loop.Preemption", StopAt(7))
+        stopped = runner.invoke(app, ["train", "--config", str(cfg), "--seeds", "2", *aug])
+    assert stopped.exit_code == 143, stopped.output
+    folders = [tmp_path / "ckpt" / f"p-seed{s}" for s in range(2)]
+    payload = checkpoint.load(folders[1] / "last.ckpt")
+    assert payload["in_epoch"]["batch"] >= 1 and "augment" in payload["rng"]
+    resumed = runner.invoke(app, ["train", "--resume", str(folders[0])])
+    assert resumed.exit_code == 0, resumed.output
+    whole = runner.invoke(app, ["train", "--config", str(cfg), "--seeds", "2", *aug, "--set",
+                                f"checkpoint.dir={tmp_path / 'whole'}"])
+    assert whole.exit_code == 0, whole.output
+    for s, folder in enumerate(folders):
+        (w, rows), (w0, rows0) = _weights_and_rows(folder), _weights_and_rows(tmp_path / "whole" / f"p-seed{s}")
+        assert rows == rows0, (rows, rows0)
+        assert all(torch.equal(w[k], w0[k]) for k in w0), s
