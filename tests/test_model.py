@@ -152,3 +152,46 @@ def test_conv_shapes_that_cannot_work_are_refused_naming_layer_and_key(layers, s
         CNN(ModelConfig(conv=tuple(layers)), shape)
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
     assert conv_maps([Conv(kernel=3, padding=1, pool=2)] * 3, (28, 28)) == [(32, 14, 14), (32, 7, 7), (32, 3, 3)]
+
+
+def test_channels_last_cnn_equals_the_contiguous_one():
+    """train.memory_format: channels_last (auto's choice on CUDA) keeps every 4-D weight NHWC and changes only the
+    layout: the same logits and gradients as the contiguous CNN from the same weights; the checkpoint's tensors
+    are contiguous either way; auto is contiguous on the CPU and an MLP ignores the key."""
+    from dlbase.core.config import load_config
+    from dlbase.core.model import channels_last
+    conv = "model.conv=[{channels: 4, kernel: 3, norm: batch, pool: 2}, {channels: 6, kernel: 3}]"
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    plain = build_model(load_config(None, [conv, "model.hidden=[8]"]), (12, 12), cpu)
+    nhwc = build_model(load_config(None, [conv, "model.hidden=[8]", "train.memory_format=channels_last"]),
+                       (12, 12), cpu)
+    nhwc.load_state_dict(plain.state_dict())
+    weights = [p for p in nhwc.parameters() if p.dim() == 4]
+    assert len(weights) == 2 and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert not weights[1].is_contiguous()  # (6, 4, 3, 3) NHWC (the first, with one input channel, is both)
+    x, y = torch.rand(5, 144), torch.tensor([0, 1, 2, 3, 4])
+    for m in (plain, nhwc):
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+    torch.testing.assert_close(nhwc(x), plain(x))
+    for (name, a), b in zip(plain.named_parameters(), nhwc.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+    assert not channels_last(load_config(None, [conv]), cpu)
+    assert channels_last(load_config(None, [conv]), torch.device("cuda"))
+    assert not channels_last(load_config(None, ["train.memory_format=channels_last"]), torch.device("cuda"))
+
+
+def test_a_channels_last_run_writes_contiguous_checkpoints_and_trains_as_the_contiguous_one(tiny_config, tmp_path):
+    from dlbase.core.config import load_config
+    from dlbase.training.train import train
+    sets = ["model.conv=[{channels: 3, kernel: 3, pool: 2}]", "model.hidden=[]", "train.epochs=1", "device=cpu"]
+    out = {}
+    for fmt in ("contiguous", "channels_last"):
+        cfg = load_config(tiny_config, sets + [f"train.memory_format={fmt}", f"checkpoint.dir={tmp_path / fmt}",
+                                               "name=r"])
+        train(cfg)
+        out[fmt] = torch.load(tmp_path / fmt / "r" / "last.ckpt", weights_only=True)["model"]
+    assert out["channels_last"].keys() == out["contiguous"].keys()
+    for k, v in out["channels_last"].items():
+        assert v.is_contiguous(), k
+        torch.testing.assert_close(v, out["contiguous"][k], msg=k)

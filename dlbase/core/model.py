@@ -117,7 +117,7 @@ class CNN(nn.Module):
     """standardised pixels as a (B, 1, H, W) image -> per model.conv layer (Conv2d -> BatchNorm2d? -> activation
     -> pooling? -> dropout?) -> flattened maps -> the MLP's hidden layers (model.hidden, norm, dropout) -> Linear
     to the logits. forward takes (B, H*W) as the MLP does, so eval, export, checkpoints, populations and DDP take
-    it unchanged. (channels_last, for the GPU's convolutions, is the hot path's to set: issue 23; not done yet.)"""
+    it unchanged. build_model puts its convolution weights in train.memory_format (channels_last on CUDA)."""
 
     def __init__(self, cfg: ModelConfig, input_shape: tuple[int, int] = (28, 28), num_classes: int = 10,
                  standardize: bool = False):
@@ -160,9 +160,18 @@ def standardizes(cfg: Config) -> bool:
     return cfg.data.normalize == "standard" and cfg.model.encoding.name == "none"
 
 
+def channels_last(cfg: Config, device: torch.device) -> bool:
+    """Does this config's CNN keep its convolutions channels_last on this device (train.memory_format)?"""
+    fmt = cfg.train.memory_format
+    return bool(cfg.model.conv) and (fmt == "channels_last" or (fmt == "auto" and device.type == "cuda"))
+
+
 def build_model(cfg: Config, input_shape: tuple[int, int], device: torch.device) -> nn.Module:
     """The run's model for images of input_shape (height, width), on device: a CNN when model.conv has layers
     (refusing, as one ConfigError, a model.conv these images are too small for), else the MLP."""
     if cfg.model.conv:
-        return CNN(cfg.model, input_shape, standardize=standardizes(cfg)).to(device)
+        cnn = CNN(cfg.model, input_shape, standardize=standardizes(cfg)).to(device)
+        # channels_last weights make every convolution's output NHWC too (the input has one channel, so it is
+        # both layouts at once): the layout cuDNN's tensor-core kernels take without a transpose per layer
+        return cnn.to(memory_format=torch.channels_last) if channels_last(cfg, device) else cnn
     return MLP(cfg.model, in_features=input_shape[0] * input_shape[1], standardize=standardizes(cfg)).to(device)

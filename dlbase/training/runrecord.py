@@ -37,7 +37,8 @@ def payload(cfg: Config, input_shape, model: torch.nn.Module, optimizer_state: d
         "config": to_dict(cfg),
         "input_shape": list(input_shape),
         # note: device-to-host copies (a sync), only at a checkpoint
-        "model": checkpoint.strip_prefixes({k: v.detach().cpu() for k, v in model.state_dict().items()}),
+        "model": checkpoint.strip_prefixes({k: v.detach().cpu().contiguous()  # a channels_last CNN too
+                                             for k, v in model.state_dict().items()}),
         "optimizer": optimizer_state,
         "epoch": position["epoch"],
         "step": position["step"],
