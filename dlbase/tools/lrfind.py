@@ -156,7 +156,8 @@ def plot(r: RangeResult, path: Path, title: str) -> None:
                 label=f"suggestion {r.suggested_lr:.2e} (steepest descent)")
     finite = [s for s in r.smoothed if math.isfinite(s)]
     if finite:  # the diverging tail would squash the interesting part
-        ax.set_ylim(min(finite) * 0.9 if min(finite) > 0 else None, max(min(4.5 * min(finite), max(finite)), finite[0]) * 1.1)
+        low = min(finite + [v for v in r.losses if math.isfinite(v)])
+        ax.set_ylim(max(0.0, low * 0.9), max(min(4.5 * min(finite), max(finite)), finite[0]) * 1.1)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
