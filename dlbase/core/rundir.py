@@ -74,7 +74,7 @@ def _claim(folder: Path) -> bool:
     except FileExistsError:
         return False  # another process claimed it between our look and our create
     except OSError as e:
-        raise CheckpointError(f"{what}: cannot write to {folder}: {e.strerror or e}") from None
+        raise CheckpointError(f"checkpoint.dir: cannot write to {folder}: {e.strerror or e}") from None
     with os.fdopen(fd, "w") as fh:
         fh.write(f"pid {os.getpid()}\n")
     return True
