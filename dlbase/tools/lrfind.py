@@ -184,11 +184,11 @@ def lr_find(cfg: Config, out: Path, start_lr: float = 1e-7, end_lr: float = 10.0
     population, K learning rates trained together (tools/lrpop.py) into out/population/."""
     from dlbase.core.rundir import check_writable, write_atomic
     check_range(start_lr, end_lr, steps)
-    check_writable(out, "--out")
     lrs = None
     if population is not None:
         from dlbase.tools.lrpop import check_population_args
         lrs = check_population_args(cfg, population, lr_range, epochs, out)  # every refusal before any training
+    check_writable(out, "--out")
     r = range_test(cfg, start_lr, end_lr, steps)
     write_atomic(out / "lr_find.csv", csv_text(r), "lr_find.csv")
     plot(r, out / "lr_find.png", f"lr range test: {cfg.name} ({cfg.optim.name}, batch {cfg.train.batch_size})")

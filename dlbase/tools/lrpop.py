@@ -101,6 +101,7 @@ def plot(rows: list[dict], lrs: list[float], suggestion: Optional[float], path: 
                    alpha=1.0 if e == epochs[-1] else 0.5, label=f"after epoch {e}")
     if suggestion is not None:
         right.axvline(suggestion, color="tab:red", ls="--", lw=1, label=f"range test's suggestion {suggestion:.2g}")
+    left.set_xticks(epochs)  # whole epochs
     left.set_xlabel("epoch")
     left.set_ylabel("validation loss")
     left.set_yscale("log")
