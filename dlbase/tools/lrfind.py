@@ -35,8 +35,8 @@ class Watch:
     losses: list = field(default_factory=list)
     smoothed: list = field(default_factory=list)
     stop: str = ""  # why the test stopped early ("": it did not)
-    _avg: float = 0.0
-    _best: float = math.inf
+    _avg: float = field(default=0.0, init=False, repr=False)  # the EMA before its bias correction
+    _best: float = field(default=math.inf, init=False, repr=False)  # the best smoothed loss so far
 
     def add(self, loss: float) -> bool:
         """One step's loss; True when the test stops at this step (its point is kept)."""
