@@ -173,3 +173,12 @@ def test_range_test_on_cuda_follows_the_cpu(tiny_data, tmp_path):
     cpu = range_test(tiny(tiny_data, tmp_path), 1e-5, 1.0, 30, threshold=1e9)
     gpu = range_test(tiny(tiny_data, tmp_path, "device=cuda", "train.precision=fp32"), 1e-5, 1.0, 30, threshold=1e9)
     assert gpu.lrs == cpu.lrs and gpu.losses == pytest.approx(cpu.losses, rel=1e-3, abs=1e-4)
+
+
+def test_population_centres_on_the_suggestion_without_a_range(tiny_data, tmp_path):
+    from dlbase.tools.lrfind import lr_find
+    out = tmp_path / "out"
+    r = lr_find(tiny(tiny_data, tmp_path, "model.hidden=[8]"), out, 1e-6, 1.0, 40, population=2, log=lambda s: None)
+    assert r.suggested_lr is not None
+    lrs = sorted({float(x["lr"]) for x in csv.DictReader(open(out / "lr_population.csv"))})
+    assert lrs == pytest.approx([r.suggested_lr / 10, r.suggested_lr * 10], rel=1e-5)
