@@ -51,7 +51,8 @@ def _grad(fn, x):
 def _d2l_path(name, fn, x0, steps, lr, beta=0.9, b1=0.9, b2=0.999, eps=1e-8):
     """The update rules as D2L 11.6 (momentum: v <- beta v + g, x <- x - eta v; no dampening) and 11.10 (Adam with
     bias-corrected moments; eps added to sqrt(v_hat), as torch places it) write them, by hand."""
-    x, v, s = torch.tensor(x0, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    x = torch.tensor(x0, dtype=torch.float64)
+    v, s = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     out = [x.clone()]
     for t in range(1, steps + 1):
         g = _grad(fn, x)

@@ -48,7 +48,8 @@ class Watch:
         if not math.isfinite(s):
             self.stop = f"the loss is not finite at step {i + 1}"
         elif i > 0 and s > self.threshold * self._best:
-            self.stop = f"the smoothed loss {s:.4g} passed {self.threshold:g}x its best {self._best:.4g} at step {i + 1}"
+            self.stop = (f"the smoothed loss {s:.4g} passed {self.threshold:g}x its best {self._best:.4g} at step "
+                         f"{i + 1}")
         self._best = min(self._best, s)
         return bool(self.stop)
 
