@@ -268,6 +268,11 @@ def runs(
         typer.echo(table(found, keys))
 
 
+from dlbase import cli_lab  # noqa: E402 - the insight commands, parsed there, mounted with this file's errors
+app.command("lr-find")(user_errors(cli_lab.lr_find))
+app.command("optimizers")(user_errors(cli_lab.optimizers))
+
+
 @config_app.command("show")
 @user_errors
 def config_show(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call of the device tool (about 6 minutes on an H100/H200):
-# the CUDA tests, the speedrun over 5 seeds (and the CNN's), bench at batch 128 and 512, its CNN rows, a whole-command profile, and
+# the CUDA tests, the speedrun over 5 seeds (and the CNN's), bench at batch 128 and 512, its CNN rows, lr-find and
+# optimizers on the device, a whole-command profile, and
 # (--results) the results table on CUDA. Stops at the first failing step with one line naming it
 # (KEEP_GOING=1 runs every step and exits non-zero at the end if any failed).
 # Run from the repo root with the MNIST IDX files in .data/mnist (or DLBASE_DATA set); outputs go to $OUT.
@@ -58,6 +59,9 @@ if [ "${DEVICE_CHECK_TINY:-0}" = 1 ]; then POP=(--device cpu --members 2 --epoch
 else POP=(--members 64 --epochs 3); fi
 step "population bench" 300 python3 scripts/population_bench.py "${POP[@]}" --out "$OUT/pop" --json "$OUT/population.json"
 rm -rf "$OUT/pop"
+# the range test on the device (one replayed CUDA graph, the lr refilled each step): its suggestion against the CPU's 1.1e-3
+step "lr-find" 120 python3 -m dlbase lr-find --config configs/mnist_mlp.yaml "${SETS[@]}" --out "$OUT/lr_find"
+step "optimizers" 60 python3 -m dlbase optimizers --function rosenbrock "${DEV[@]}" --out "$OUT/optimizers"
 step "import profile" 60 bash -c 'python3 -X importtime -m dlbase --help 2> "$0/importtime.txt" >/dev/null' "$OUT"
 step "command profile" 120 python3 -m cProfile -o "$OUT/train.prof" -m dlbase train --config configs/mnist_speedrun.yaml \
   "${SETS[@]}" --set checkpoint.dir="$OUT/ckpt" --set name=profile

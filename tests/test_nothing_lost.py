@@ -209,7 +209,10 @@ def test_plot_of_a_metrics_file_without_epochs_is_one_line(tmp_path):
 @pytest.mark.parametrize("args", [["train", "--confg", "x.yaml"], ["eval"], ["nosuchcommand"],
                                   ["gradcheck", "--config", "configs/mnist_mlp.yaml", "--batch", "0"],
                                   ["gradcheck", "--config", "configs/mnist_mlp.yaml", "--tol", "-1"],
-                                  ["gradcheck", "--config", "configs/mnist_mlp.yaml", "--tol", "nan"]])
+                                  ["gradcheck", "--config", "configs/mnist_mlp.yaml", "--tol", "nan"],
+                                  ["lr-find", "--config", "configs/mnist_mlp.yaml", "--steps", "1"],
+                                  ["lr-find", "--config", "configs/mnist_mlp.yaml", "--population", "1"],
+                                  ["optimizers", "--function", "nope"], ["optimizers", "--steps", "abc"]])
 def test_command_line_mistakes_are_one_line(args):
     """Item 16: Typer's box becomes the one line the README promises."""
     r = cli(*args)

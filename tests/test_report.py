@@ -146,7 +146,7 @@ def drawn(fig) -> list:
 def test_the_maps_and_filters_drawn_are_what_the_model_computes(cnn_run):
     from dlbase.core.data import load_dataset
     from dlbase.training.filters import MAX_MAPS, featuremaps_figure, feature_maps, filters_figure, first_filters
-    from dlbase.training.report import _plt
+    from dlbase.training.report import pyplot
     from dlbase.training.state import load_for_eval
 
     cfg, model, _ = load_for_eval(cnn_run.folder / "best.ckpt", torch.device("cpu"))
@@ -158,7 +158,7 @@ def test_the_maps_and_filters_drawn_are_what_the_model_computes(cnn_run):
                                           "conv 2: Conv2d 3x3 > BatchNorm2d > ReLU > MaxPool2d 2"]
     for (_, m), e in zip(maps, expected):
         assert torch.equal(m, e)
-    plt = _plt()
+    plt = pyplot()
     fig = featuremaps_figure(plt, x[0].view(28, 28), maps, "test")
     images = drawn(fig)
     assert torch.equal(images[0], x[0].view(28, 28))  # the digit itself

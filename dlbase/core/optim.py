@@ -90,8 +90,33 @@ class Schedule:
         down = (T - 1) - up
         return _cos_anneal(lr, end, (t - up) / down) if down > 0 else end
 
+    @property
+    def constant(self) -> bool:
+        """The lr never moves (a CUDA graph then never refills it)."""
+        return self.cfg.name == "constant" and self.cfg.warmup_steps == 0
+
     def table(self) -> list[float]:
         return [self(s) for s in range(self.total)]
+
+
+class RangeSchedule:
+    """The learning-rate range test's lr (Smith 2017; Lightning's _ExponentialLR, which ends at end_lr): rising
+    exponentially from start_lr at step 0 to end_lr at step steps - 1, lr(s) = start * (end / start) ** (s /
+    (steps - 1)), the closed form of torch's ExponentialLR with gamma = (end / start) ** (1 / (steps - 1)).
+    Beyond the last step it stays at end_lr. The Engine takes it as it takes a Schedule."""
+
+    constant = False
+
+    def __init__(self, start_lr: float, end_lr: float, steps: int):
+        assert 0 < start_lr < end_lr and steps >= 2, (start_lr, end_lr, steps)
+        self.start, self.end, self.steps = start_lr, end_lr, steps
+
+    def __call__(self, step: int) -> float:
+        frac = min(step, self.steps - 1) / (self.steps - 1)
+        return self.start * (self.end / self.start) ** frac
+
+    def table(self) -> list[float]:
+        return [self(s) for s in range(self.steps)]
 
 
 def _cos_anneal(a: float, b: float, frac: float) -> float:

@@ -100,15 +100,16 @@ def claim_existing(folder: Path) -> None:
         pass
 
 
-def check_writable(folder: Path) -> None:
-    """Create folder and prove a file can be written there, before any training time is spent."""
+def check_writable(folder: Path, what: str = "checkpoint.dir") -> None:
+    """Create folder and prove a file can be written there, before any training time is spent; what: the key or
+    option that named it, for the error."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise CheckpointError(f"checkpoint.dir: cannot write to {folder}: {e.strerror or e}") from None
+        raise CheckpointError(f"{what}: cannot write to {folder}: {e.strerror or e}") from None
 
 
 def remove_if_empty(folder: Path) -> None:

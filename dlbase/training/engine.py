@@ -18,7 +18,7 @@ from dlbase.core.augment import Augmenter
 from dlbase.core.data import DeviceSplit
 from dlbase.core.errors import ConfigError
 from dlbase.core.loss import LossFn
-from dlbase.core.optim import Schedule, update_rule
+from dlbase.core.optim import RangeSchedule, Schedule, update_rule
 from dlbase.core.schema import GRAPH_OPTIMIZERS, Config, ModelConfig, TrainConfig
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -138,7 +138,7 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, split: DeviceSplit,
-                 cfg: TrainConfig, schedule: Schedule, device: torch.device, run_plan: Plan,
+                 cfg: TrainConfig, schedule: Schedule | RangeSchedule, device: torch.device, run_plan: Plan,
                  model_cfg: Optional[ModelConfig] = None, forward: Optional[nn.Module] = None,
                  shard: tuple[int, int] = (0, 1), augment: Optional[Augmenter] = None):
         self.model, self.optimizer, self.loss_fn, self.split = model, optimizer, loss_fn, split
@@ -159,7 +159,7 @@ class Engine:
         if run_plan.compile in COMPILE_MODES:
             self.forward = torch.compile(model, mode=run_plan.compile)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.constant_lr = schedule.cfg.name == "constant" and schedule.cfg.warmup_steps == 0
+        self.constant_lr = schedule.constant
         if run_plan.compile == "graph":
             # the lr lives on the device so the captured optimiser kernels read it; we fill it between replays
             self.lr = torch.tensor(schedule(0), device=device)

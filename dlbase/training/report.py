@@ -16,14 +16,14 @@ PLOTS = ("curves.png", "gradnorms.png")  # what plot_run draws into a run folder
 LEGEND_ROWS = 16  # entries in one legend column that fit beside a 4.2-inch-high plot at font size 8
 
 
-def _plt():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")  # headless: files only, never a window
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save(plt, fig, path: Path) -> None:
+def save_png(plt, fig, path: Path) -> None:
     """Render to memory, then the one atomic write: a full disk or a read-only folder is one line (exit 2), and
     never a half-written PNG over a good one."""
     import io
@@ -65,13 +65,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def plot_run(run_dir: Path) -> list[Path]:
     """curves.png (loss, accuracy, lr per epoch) and gradnorms.png (per-layer norms, log scale) in run_dir."""
-    plt = _plt()
+    plt = pyplot()
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     epochs = [int(r["epoch"]) for r in rows]
     curves, gradnorms = (run_dir / name for name in PLOTS)
-    _save(plt, _curves(plt, rows, epochs, run_dir.name), curves)
-    _save(plt, _norms(plt, rows, epochs, run_dir.name), gradnorms)
+    save_png(plt, _curves(plt, rows, epochs, run_dir.name), curves)
+    save_png(plt, _norms(plt, rows, epochs, run_dir.name), gradnorms)
     return [curves, gradnorms]
 
 
@@ -163,7 +163,7 @@ def eval_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, input_
     returns per_class accuracy, the confusion matrix and the files written (report_files)."""
     from dlbase.training.filters import inside_figures
 
-    plt = _plt()
+    plt = pyplot()
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,7 @@ def eval_report(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, input_
                "mistakes.png": _mistakes_figure(plt, x, y, probs, input_shape, title, n_worst),
                **inside_figures(plt, model, x, y, pred, input_shape, title)}
     for name, fig in figures.items():
-        _save(plt, fig, out_dir / name)
+        save_png(plt, fig, out_dir / name)
     return {"per_class": per_class, "confusion": cm.tolist(), "report_files": [str(out_dir / n) for n in figures]}
 
 
