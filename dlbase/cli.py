@@ -354,6 +354,12 @@ def recipes_copy(
     typer.echo("\n".join([str(target), *next_steps(target)]))
 
 
+from dlbase import cli_insight  # noqa: E402  the insight commands over finished runs, registered on this app
+
+app.command("landscape")(user_errors(cli_insight.landscape))
+app.command("hessian")(user_errors(cli_insight.hessian))
+
+
 def main(fast_exit: bool = True) -> None:
     """The console script: command-line mistakes (an unknown option or command, a missing argument, a value out
     of range) are one line on stderr and exit status 2, like every other mistake of the user's."""

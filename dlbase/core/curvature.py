@@ -1,4 +1,4 @@
-"""The training loss's curvature from Hessian-vector products (torch.func, forward-over-reverse): the top
+"""The training loss's curvature from Hessian-vector products (torch.func.functional_call, reverse over reverse): the top
 eigenvalues and the most negative one by Lanczos (scipy.sparse.linalg.eigsh), the trace by Hutchinson's
 estimator, the eigenvalue density by stochastic Lanczos quadrature (as PyHessian does). One place for
 `dlbase hessian` (tools/hessian.py) and train.hessian_every (the epoch's end, training/train.py and
@@ -47,18 +47,32 @@ class HessianOperator:
         logits = torch.func.functional_call(self.template, (self.params(flat), self.buffers), (x,))
         return self.loss_fn(logits, y)
 
+    def gradients(self) -> list[tuple[torch.Tensor, float]]:
+        """Each chunk's gradient with its graph kept (create_graph), and the chunk's share of the samples: built
+        once, so that every product after the first is one backward pass through it (reverse over reverse)."""
+        if self._grads is None:
+            was = self.template.training
+            self.template.eval()
+            self._leaf = self.theta.clone().requires_grad_()
+            N, self._grads = self.x.shape[0], []
+            with torch.enable_grad():
+                for s in range(0, N, CHUNK):
+                    x, y = self.x[s:s + CHUNK], self.y[s:s + CHUNK]
+                    g, = torch.autograd.grad(self.loss(self._leaf, x, y), self._leaf, create_graph=True)
+                    self._grads.append((g, x.shape[0] / N))
+            self.template.train(was)
+        return self._grads
+
+    _grads: Optional[list] = None
+
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """H v, (n,) -> (n,): the chunks' products weighted by their share of the samples."""
         self.calls += 1
-        was = self.template.training
-        self.template.eval()
+        grads = self.gradients()
         out = torch.zeros_like(self.theta)
-        N = self.x.shape[0]
-        for s in range(0, N, CHUNK):
-            x, y = self.x[s:s + CHUNK], self.y[s:s + CHUNK]
-            grad = torch.func.grad(lambda f: self.loss(f, x, y))
-            out += torch.func.jvp(grad, (self.theta,), (v.to(self.theta),))[1] * (x.shape[0] / N)
-        self.template.train(was)
+        with torch.enable_grad():
+            for g, share in grads:
+                out += torch.autograd.grad(g, self._leaf, v.to(self.theta), retain_graph=True)[0] * share
         return out
 
     def numpy_operator(self):
