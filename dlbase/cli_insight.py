@@ -31,6 +31,8 @@ def landscape(
                                        show_default=False),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help=DATA_ROOT_HELP, show_default=False),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (the losses dlbase eval reports), or bf16 "
+                                  "(about 3x faster on CPUs with AMX and on GPUs; losses within 1-2%)."),
     as_json: bool = typer.Option(False, "--json", help="Print landscape.json's object instead of the summary."),
 ) -> None:
     """The loss along the straight line from a run's initial to its final weights (Goodfellow et al. 2015), and on
@@ -39,7 +41,7 @@ def landscape(
     weights). Runs made before dlbase kept init.ckpt get the slice only."""
     from dlbase.tools.landscape import landscape as draw, summary
 
-    result = draw(run, split, samples, resolution, span, seed, out, device, data_root, log=typer.echo)
+    result = draw(run, split, samples, resolution, span, seed, out, device, data_root, precision, log=typer.echo)
     typer.echo(json.dumps(result) if as_json else "\n".join(summary(result)))
 
 

@@ -83,7 +83,7 @@ def evaluate_stacked(template: nn.Module, stacked: dict[str, torch.Tensor], shar
     correct = torch.zeros(K, device=x.device, dtype=torch.long)
     many = torch.func.vmap(one, in_dims=(0, None, None))
     for start in range(0, len(y), batch_size):
-        losses, right = many(stacked, x[start:start + batch_size].float(), y[start:start + batch_size])  # (K,), (K,)
+        losses, right = many(stacked, x[start:start + batch_size], y[start:start + batch_size])  # (K,), (K,)
         loss_sum += losses
         correct += right
     template.train(was)

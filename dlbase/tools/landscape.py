@@ -14,12 +14,15 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from dlbase.core.data import DeviceSplit
+from dlbase.core.errors import DlbaseError
 from dlbase.core.loss import build_eval_loss
 from dlbase.population.vmapped import evaluate_stacked
 from dlbase.tools import lab
 
 POINTS_PER_CHUNK = 16  # weight vectors evaluated together: their stacked copies and activations bound the memory
 ACTIVATION_BYTES = 256 << 20  # the activations of one chunk of points on one batch of images, at most (about)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FILES = ("landscape.json", "landscape.csv", "landscape_line.png", "landscape_2d.png")
 
 
@@ -66,14 +69,21 @@ def batch_size_for(model: nn.Module, x: torch.Tensor, points: int) -> int:
     return max(1, min(4096, ACTIVATION_BYTES // (points * per_image)))
 
 
+def cast(tensors: dict, dtype: torch.dtype) -> dict:
+    """The floating tensors in dtype (--precision), the others (batch norm's counters) as they are."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
 def evaluate_points(model: nn.Module, make: Callable[[torch.Tensor], dict], coeffs: torch.Tensor, shared: dict,
-                    parts: dict, loss_fn) -> dict[str, dict[str, list[float]]]:
-    """Each split's loss and accuracy at every point: make(coeffs[chunk]) gives the chunk's stacked tensors."""
+                    parts: dict, loss_fn, dtype: torch.dtype) -> dict[str, dict[str, list[float]]]:
+    """Each split's loss and accuracy at every point: make(coeffs[chunk]) gives the chunk's stacked tensors
+    (built in float32, then cast to dtype; the losses are taken on float32 logits)."""
     out = {s: {"loss": [], "accuracy": []} for s in parts}
     P = min(POINTS_PER_CHUNK, coeffs.shape[0])
     batch = batch_size_for(model, next(iter(parts.values())).x, P)
+    shared = cast(shared, dtype)
     for start in range(0, coeffs.shape[0], P):
-        stacked = make(coeffs[start:start + P])
+        stacked = cast(make(coeffs[start:start + P]), dtype)
         for s, part in parts.items():
             loss, acc = evaluate_stacked(model, stacked, shared, part.x, part.y, loss_fn, batch)
             out[s]["loss"] += loss.tolist()  # note: a sync per chunk
@@ -85,19 +95,27 @@ def _along(c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return c.to(t).view(-1, *[1] * t.dim())  # (P,) -> (P, 1, ...) against a (*shape) tensor
 
 
-def line(model: nn.Module, start: dict, end: dict, alphas: list[float], parts: dict, loss_fn) -> dict:
-    """(1 - alpha) * start + alpha * end for every floating tensor of the state (batch norm's running statistics
-    too, so that each end is exactly its checkpoint as `dlbase eval` sees it)."""
+def line(model: nn.Module, start: dict, end: dict, alphas: list[float], parts: dict, loss_fn,
+         dtype: torch.dtype = torch.float32) -> dict:
+    """(1 - alpha) * start + alpha * end for every floating tensor of the state: the weights, and batch norm's
+    running statistics too, so that each end is exactly its checkpoint as `dlbase eval` sees it (those only
+    between the ends, alpha clamped to [0, 1]: extrapolated, a running variance could turn negative)."""
     moving = [k for k, v in end.items() if v.is_floating_point()]
     shared = {k: v for k, v in end.items() if k not in moving}
+    weights = {k for k, _ in model.named_parameters()}
 
     def make(a: torch.Tensor) -> dict:
-        return {k: (1 - _along(a, end[k])) * start[k] + _along(a, end[k]) * end[k] for k in moving}
+        out = {}
+        for k in moving:
+            c = _along(a if k in weights else a.clamp(0, 1), end[k])
+            out[k] = (1 - c) * start[k] + c * end[k]
+        return out
     return {"alpha": alphas, **evaluate_points(model, make, torch.tensor(alphas, dtype=torch.float64), shared,
-                                               parts, loss_fn)}
+                                               parts, loss_fn, dtype)}
 
 
-def plane(model: nn.Module, state: dict, axis: list[float], seed: int, parts: dict, loss_fn) -> dict:
+def plane(model: nn.Module, state: dict, axis: list[float], seed: int, parts: dict, loss_fn,
+          dtype: torch.dtype = torch.float32) -> dict:
     """state + a d1 + b d2 over the grid axis x axis (rows: b, columns: a), d1 and d2 filter-normalised."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     d1, d2 = filter_normalised(model, g), filter_normalised(model, g)
@@ -106,7 +124,7 @@ def plane(model: nn.Module, state: dict, axis: list[float], seed: int, parts: di
 
     def make(ab: torch.Tensor) -> dict:
         return {k: state[k] + _along(ab[:, 0], d1[k]) * d1[k] + _along(ab[:, 1], d2[k]) * d2[k] for k in d1}
-    flat = evaluate_points(model, make, grid, shared, parts, loss_fn)
+    flat = evaluate_points(model, make, grid, shared, parts, loss_fn, dtype)
     R = len(axis)
     return {"a": axis, "b": axis, "seed": seed, **{s: {m: [v[r * R:(r + 1) * R] for r in range(R)]
                                                          for m, v in d.items()} for s, d in flat.items()}}
@@ -114,26 +132,35 @@ def plane(model: nn.Module, state: dict, axis: list[float], seed: int, parts: di
 
 def landscape(target: Path, splits: Optional[str] = None, samples: int = 10000, resolution: int = 21,
               span: float = 1.0, seed: int = 0, out: Optional[Path] = None, device: str = "auto",
-              data_root: Optional[Path] = None, log: Callable[[str], None] = print) -> dict:
+              data_root: Optional[Path] = None, precision: str = "fp32",
+              log: Callable[[str], None] = print) -> dict:
     """The line (when the run kept its init.ckpt) and the 2-D slice, on each split's first `samples` images;
-    writes FILES into out (default: the checkpoint's folder) and returns what landscape.json holds."""
+    writes FILES into out (default: the checkpoint's folder) and returns what landscape.json holds. precision:
+    fp32 (as `dlbase eval` computes), or bf16 (weights and activations; ~3x faster where the CPU has AMX, and on
+    GPUs; losses within ~1-2%)."""
+    if precision not in PRECISIONS:
+        raise DlbaseError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
     lab.check_range("--resolution", resolution, 2, 201)
     lab.check_range("--samples", samples, 1, 10**7)
     lab.check_range("--span", span, 1e-6, 1e3)
     final, init = lab.resolve_run(target)
     run = lab.load(final, lab.device_of(device), data_root)
     parts = {s: lab.first(run.data.split(s), samples) for s in lab.parse_splits(splits, run.data)}
+    parts = {s: DeviceSplit(p.x.to(dtype), p.y) for s, p in parts.items()}
     loss_fn = build_eval_loss(run.cfg.train.loss, run.cfg.model.output)
     state = {k: v.detach() for k, v in run.model.state_dict().items()}
     t0 = time.perf_counter()
     result = {"checkpoint": str(final), "init": str(init) if init else None, "epoch": int(run.payload["epoch"]),
-              "samples": {s: len(p) for s, p in parts.items()}, "resolution": resolution, "span": span}
+              "samples": {s: len(p) for s, p in parts.items()}, "resolution": resolution, "span": span,
+              "precision": precision}
     if init is not None:
-        result["line"] = line(run.model, lab.load_weights(run, init), state, line_alphas(resolution), parts, loss_fn)
+        result["line"] = line(run.model, lab.load_weights(run, init), state, line_alphas(resolution), parts, loss_fn,
+                              dtype)
     else:
         log(f"{final.parent}: no init.ckpt (the run was made before dlbase kept its initial weights): no line from "
             f"the initial weights; the 2-D slice only")
-    result["plane"] = plane(run.model, state, plane_axis(resolution, span), seed, parts, loss_fn)
+    result["plane"] = plane(run.model, state, plane_axis(resolution, span), seed, parts, loss_fn, dtype)
     result["seconds"] = time.perf_counter() - t0
     folder = lab.default_out(final, out)
     result["files"] = write(folder, result, f"{run.cfg.name}, epoch {result['epoch']}")
@@ -179,6 +206,6 @@ def summary(r: dict) -> list[str]:
         mid = len(p) // 2
         lines.append(f"2-D slice, {s}: loss {p[mid][mid]:.4f} at the weights, {min(min(v) for v in p):.4f} to "
                      f"{max(max(v) for v in p):.4f} over +-{r['span']} of the directions")
-    lines.append(f"{len(r['plane']['a']) ** 2 + len(r.get('line', {}).get('alpha', ()))} points in "
-                 f"{r['seconds']:.1f}s: " + ", ".join(r["files"]))
+    lines.append(f"{len(r['plane']['a']) ** 2 + len(r.get('line', {}).get('alpha', ()))} points ({r['precision']}) "
+                 f"in {r['seconds']:.1f}s: " + ", ".join(r["files"]))
     return lines
