@@ -140,6 +140,18 @@ def test_hessian_every_writes_its_columns_and_changes_nothing_else(small_run, mo
     assert "hessian_top" not in open(plain.folder / "metrics.csv").readline()
 
 
+def test_hessian_every_goes_to_tensorboard(small_run, monkeypatch):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    monkeypatch.setattr("dlbase.training.report.plot_run", lambda folder: [])
+    done = train(load_config(small_run, ["train.tensorboard=true", "train.hessian_every=1"]), log=lambda s: None)
+    ea = accumulator.EventAccumulator(str(done.folder), size_guidance={"scalars": 0})
+    ea.Reload()
+    rows = list(csv.DictReader(open(done.folder / "metrics.csv")))
+    for key in ("hessian_top", "hessian_min"):
+        assert [e.value for e in ea.Scalars(f"curvature/{key}")] == pytest.approx([float(r[key]) for r in rows],
+                                                                                  rel=1e-5)
+
+
 def test_a_population_member_measures_what_its_lone_run_does(small_run, monkeypatch):
     from dlbase.population.train import train_seeds
     monkeypatch.setattr("dlbase.training.report.plot_run", lambda folder: [])

@@ -35,7 +35,7 @@ def draw_plane(r: dict, title: str, path: Path) -> None:
     """landscape_2d.png: log10 of the loss over the slice, one panel per split on one colour scale."""
     plt = pyplot()
     p, splits = r["plane"], list(r["samples"])
-    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4.4), squeeze=False, constrained_layout=True)
     logs = {s: np.log10(np.maximum(np.asarray(p[s]["loss"]), 1e-12)) for s in splits}
     lo, hi = min(v.min() for v in logs.values()), max(v.max() for v in logs.values())
     levels = np.linspace(lo, hi if hi > lo else lo + 1e-6, 25)
