@@ -44,7 +44,7 @@ def spectrum(ckpt: Path, top_k: int, samples: int, split: str, dtype: str, probe
     if density:
         runs = slq_density(op, DENSITY_RUNS, DENSITY_STEPS, seed)
         nodes = [n for ns, _ in runs for n in ns]
-        out["density"] = {"runs": runs, "sigma": max(max(nodes) - min(nodes), 1e-12) / 400,
+        out["density"] = {"runs": runs, "sigma": max(max(nodes) - min(nodes), 1e-12) / 100,
                           "steps": DENSITY_STEPS}
     out["hessian_vector_products"] = op.calls
     out["seconds"] = time.perf_counter() - t0
