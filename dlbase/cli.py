@@ -269,6 +269,8 @@ def runs(
 
 
 from dlbase import cli_lab  # noqa: E402 - the insight commands, parsed there, mounted with this file's errors
+app.command("landscape")(user_errors(cli_lab.landscape))
+app.command("hessian")(user_errors(cli_lab.hessian))
 app.command("lr-find")(user_errors(cli_lab.lr_find))
 app.command("optimizers")(user_errors(cli_lab.optimizers))
 

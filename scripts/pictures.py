@@ -1,8 +1,10 @@
 """The pictures of README.md and docs/INSIDE.md, from real MNIST runs: docs/curves.png, docs/gradnorms_deep_sigmoid.png,
-docs/gradnorms_deep_relu.png, docs/confusion.png, docs/mistakes.png, docs/filters.png (the MLP's first-layer rows).
+docs/gradnorms_deep_relu.png, docs/confusion.png, docs/mistakes.png, docs/filters.png (the MLP's first-layer rows),
+and from the default recipe's run docs/landscape.png, docs/landscape_line.png (dlbase landscape) and
+docs/hessian.png (dlbase hessian --density, at init.ckpt and best.ckpt).
 
-    python scripts/pictures.py            # about two minutes on a 2-core CPU
-    python scripts/pictures.py --out /tmp/pics --set data.subset=300 --set train.epochs=1   # a quick check
+    python scripts/pictures.py            # about eight minutes on a 2-core CPU
+    python scripts/pictures.py --out /tmp/pics --set data.subset=300 --set train.epochs=1 --lab-samples 50  # quick
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ sys.path.insert(0, str(REPO))
 
 from dlbase.core.config import load_config  # noqa: E402
 from dlbase.core.data import load_dataset  # noqa: E402
+from dlbase.tools.hessian import describe, hessian  # noqa: E402
+from dlbase.tools.landscape import landscape, summary  # noqa: E402
 from dlbase.training.report import eval_report  # noqa: E402
 from dlbase.training.state import load_for_eval  # noqa: E402
 from dlbase.training.train import train  # noqa: E402
@@ -31,6 +35,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(DOCS), help="folder to write the PNG files into")
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="override for every run (after the script's own, so it wins)")
+    ap.add_argument("--lab-samples", type=int, default=None, help="images for dlbase landscape (default 10000) and "
+                    "dlbase hessian (default 1000)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,6 +47,7 @@ def main() -> None:
         _, model, payload = load_for_eval(run.folder / "best.ckpt", torch.device("cpu"))
         test = load_dataset(cfg.data, cfg.seed, torch.device("cpu")).test
         eval_report(model, test.x, test.y, (28, 28), out, f"mnist_mlp, test split, epoch {payload['epoch']}")
+        lab_pictures(run.folder, out, Path(tmp) / "lab", args.lab_samples)
         for act in ("sigmoid", "relu"):
             cfg = load_config(REPO / "configs" / "mnist_deep_sigmoid.yaml",
                               [f"checkpoint.dir={tmp}", f"model.activation={act}", f"name=deep_{act}",
@@ -48,6 +55,17 @@ def main() -> None:
             run = train(cfg, log=print)
             shutil.copy(run.folder / "gradnorms.png", out / f"gradnorms_deep_{act}.png")
     print("wrote", ", ".join(sorted(p.name for p in out.glob("*.png"))))
+
+
+def lab_pictures(folder: Path, out: Path, tmp: Path, samples) -> None:
+    """The default run's loss landscape (the slice as landscape.png, the line) and Hessian density."""
+    r = landscape(folder, samples=samples or 10000, out=tmp, device="cpu")
+    print("\n".join(summary(r)))
+    shutil.copy(tmp / "landscape_2d.png", out / "landscape.png")
+    shutil.copy(tmp / "landscape_line.png", out / "landscape_line.png")
+    for h in hessian(folder, samples=samples or 1000, density=True, out=tmp, device="cpu"):
+        print(describe(h))
+    shutil.copy(tmp / "hessian.png", out / "hessian.png")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def test_train_writes_run_folder(tiny_config, tmp_path):
     assert (folder / ".dlbase-run").exists()  # the claim that makes the folder this run's
     assert any(p.name.startswith("events.out.tfevents.") for p in folder.iterdir())  # TensorBoard's
     assert {p.name for p in folder.iterdir() if p.name != ".dlbase-run" and not p.name.startswith("events.out")} == {
-        "config.yaml", "metrics.csv", "last.ckpt", "best.ckpt",
+        "config.yaml", "metrics.csv", "init.ckpt", "last.ckpt", "best.ckpt",
         "curves.png", "gradnorms.png", "status.json"}
     assert json.loads((folder / "status.json").read_text()) == {"status": "finished", "step": 30}
     assert load_config(folder / "config.yaml") == cfg

@@ -17,7 +17,7 @@ from dlbase.core.errors import CheckpointError
 METRICS_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_accuracy", "lr", "seconds", "train_seconds")
 CLAIM = ".dlbase-run"  # created with O_EXCL in a run folder: whoever creates it owns the folder
 # any of these in a folder means a run lives there (also runs from before the claim file existed)
-RUN_FILES = (CLAIM, "last.ckpt", "best.ckpt", "metrics.csv", "config.yaml", "curves.png", "gradnorms.png")
+RUN_FILES = (CLAIM, "last.ckpt", "best.ckpt", "init.ckpt", "metrics.csv", "config.yaml", "curves.png", "gradnorms.png")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -124,7 +124,8 @@ def remove_if_empty(folder: Path) -> None:
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
     """metrics.csv: the fixed columns, then whatever per-layer columns the rows carry."""
-    extra = [k for k in (rows[-1] if rows else {}) if k not in METRICS_FIELDS]  # per-layer norms
+    # per-layer norms, and the curvature of the epochs that measured it, in the order they first appear
+    extra = list(dict.fromkeys(k for r in rows for k in r if k not in METRICS_FIELDS))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=[*METRICS_FIELDS, *extra], extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -139,7 +140,7 @@ def metrics_row(epoch: int, step: int, m: dict) -> dict:
     return {"epoch": epoch, "step": step, "train_loss": f("train_loss", ".6f"), "val_loss": f("val_loss", ".6f"),
             "val_accuracy": f("val_accuracy", ".6f"), "lr": f("lr", ".6g"), "seconds": f("seconds", ".3f"),
             "train_seconds": f("train_seconds", ".4f"), **({"train_ce": f("train_ce", ".6f")} if "train_ce" in m else {}),
-            **{k: format(v, ".6g") for k, v in m.items() if k.startswith(("grad_norm_", "weight_norm_"))}}
+            **{k: format(v, ".6g") for k, v in m.items() if k.startswith(("grad_norm_", "weight_norm_", "hessian_"))}}
 
 
 def number(text: Any) -> Optional[float]:

@@ -300,6 +300,12 @@ class TrainConfig:
     log_every: int = _f(50, "steps between training-loss points in TensorBoard and progress-bar updates (a bar "
                             "update is a host sync; the TensorBoard points are read once per epoch)",
                         ge=1, le=10**9)
+    hessian_every: int = _f(0, "epochs between measurements of the loss's curvature (the Hessian's largest and most "
+                               "negative eigenvalue, by Lanczos on Hessian-vector products) into metrics.csv and "
+                               "TensorBoard, at the epoch's end; 0 = never", ge=0, le=10**6,
+                            aliases=("curvature_every", "hessian"))
+    hessian_samples: int = _f(1000, "the first N training samples, a fixed batch, that train.hessian_every "
+                                    "measures the curvature on", ge=1, le=10**6)
 
 
 @dataclass(frozen=True)

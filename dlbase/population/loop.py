@@ -16,6 +16,7 @@ from dlbase.training import checkpoint, runrecord
 from dlbase.core import rundir
 from dlbase.core.augment import augmenter
 from dlbase.core.backprop import layer_norms
+from dlbase.core.curvature import epoch_curvature
 from dlbase.core.config import Config
 from dlbase.core.data import Batcher
 from dlbase.training.engine import Plan
@@ -74,6 +75,7 @@ class Population:
         self.progress = Progress()  # the population's position: every member is at it
         self.snaps = Snapshots(min(c.train.log_every for c in configs), self.steps_per_epoch, self.stepper.loss_sum)
         self.train_seconds = 0.0
+        self.resumed = bool(resumed)
         if resumed:
             self._start_sums = restore_position(self, resumed)
         for m, folder in zip(members, folders):  # last: every check has passed, now claim the folders
@@ -122,8 +124,10 @@ class Population:
                  f"batch {self.B}) in one step on {self.device}; {self.steps_per_epoch} steps per epoch; run folders: "
                  f"{rundir.folder_list([m.folder for m in self.members])}")
         try:
-            for m in self.members:
+            for k, m in enumerate(self.members):
                 m.start(p.step)
+                if not self.resumed:  # each member keeps its initial weights, as a lone run does (init.ckpt)
+                    m.keep_init(self._payload(m, k, {}))
             with Preemption() as self.preempt:
                 run_epochs(lambda: p.step < self.total_steps and bool(self.members), self._train_epoch,
                            self._end_epoch)
@@ -189,9 +193,10 @@ class Population:
                 val = evaluate(m.model, m.val, self.eval_loss) if m.val is not None else None
             lr = self.schedules[self.all.index(m)](p.step - 1)
             plain = c.train.loss == "cross_entropy" and c.train.label_smoothing > 0
+            norms = {**layer_norms(m.model), **self._curvature(m, k)}
             metrics = runrecord.epoch_metrics(sums[j] / max(1, self._seen), ce_sums[j] / max(1, self._seen)
                                               if plain else None, val, lr, time.perf_counter() - self._t0, share,
-                                              layer_norms(m.model))
+                                              norms)
             m.epochs_done, m.steps_done = p.epoch, p.step
             start = self._start_sums[self.all.index(m)] if self._start_sums else 0.0
             losses = self.snaps.losses(snaps, j, K, start, self.B, self.n_used, end=(p.step, sums[j]))
@@ -200,6 +205,17 @@ class Population:
             m.decide(p.epoch, metrics, p.step < self.total_steps, lambda: signalled)
         self._start_sums = None  # only the first epoch after a mid-epoch resume starts from a saved sum
         self._drop()
+
+    def _curvature(self, m: Member, k: int) -> dict:
+        """train.hessian_every for member k (its model holds the stacked weights: to_member first), on the first
+        train.hessian_samples of its own training samples, the batch its lone run measures on."""
+        every, n = m.cfg.train.hessian_every, m.cfg.train.hessian_samples
+        if not every or self.progress.epoch % every:
+            return {}
+        idx = self.train_idx[k][:n]
+        with self.phases("curvature"):
+            return epoch_curvature(m.model, self.data.x.index_select(0, idx).float(), self.data.y.index_select(0, idx),
+                                   self.eval_loss)
 
     # ------------------------------------------------------------------ members leaving
     def _guard(self, sums: list[float]) -> bool:

@@ -63,3 +63,28 @@ class LoopedModel(VmappedModel):
                        {n: b[k] for n, b in zip(self.buffer_names, self.buffers)})
             out.append(torch.func.functional_call(self.template, tensors, (x[k],)))
         return torch.stack(out)
+
+
+@torch.no_grad()
+def evaluate_stacked(template: nn.Module, stacked: dict[str, torch.Tensor], shared: dict[str, torch.Tensor],
+                     x: torch.Tensor, y: torch.Tensor, loss_fn, batch_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """K weight vectors of one model evaluated together (`dlbase landscape`'s grid points): stacked holds the
+    tensors that differ, (K, *shape) each, shared the rest (the same for all K). Returns (K,) mean loss and (K,)
+    accuracy over (x, y), each summed as training/evaluate.py's evaluate sums them, in eval mode (dropout off,
+    batch norm on the running statistics it is given). No host sync."""
+    was = template.training
+    template.eval()
+
+    def one(tensors: dict, xb: torch.Tensor, yb: torch.Tensor):
+        logits = torch.func.functional_call(template, (tensors, shared), (xb,)).float()
+        return loss_fn(logits, yb) * yb.shape[0], (logits.argmax(dim=1) == yb).sum()
+    K = next(iter(stacked.values())).shape[0]
+    loss_sum = torch.zeros(K, device=x.device)
+    correct = torch.zeros(K, device=x.device, dtype=torch.long)
+    many = torch.func.vmap(one, in_dims=(0, None, None))
+    for start in range(0, len(y), batch_size):
+        losses, right = many(stacked, x[start:start + batch_size], y[start:start + batch_size])  # (K,), (K,)
+        loss_sum += losses
+        correct += right
+    template.train(was)
+    return loss_sum / len(y), correct.double() / len(y)

@@ -39,12 +39,25 @@ def evaluate(model: nn.Module, split: DeviceSplit, loss_fn: Optional[LossFn] = N
 SPLITS = ("test", "val", "train")
 
 
+def checkpoint_data(ckpt: Path, cfg, payload: dict, device: torch.device, data_root: Optional[Path] = None):
+    """The data a checkpoint was trained on, split as its run split it (its seed, val_size or fold), on device;
+    data_root: the IDX files there instead of the config's data.root (never downloading into it)."""
+    from dlbase.core.data import load_dataset
+    from dlbase.training.checkpoint import fold_of
+
+    data_cfg = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=str(data_root), download=False)
+    data = load_dataset(data_cfg, cfg.seed, device, fold=fold_of(payload))  # a fold's val is its held-out part
+    if tuple(payload["input_shape"]) != data.input_shape:
+        raise DlbaseError(f"{ckpt}: trained on {tuple(payload['input_shape'])} images; the data at "
+                          f"{data.folder} has {data.input_shape}")
+    return data
+
+
 def evaluate_checkpoint(ckpt: Path, split: str = "test", data_root: Optional[Path] = None,
                         report: Optional[Path] = None) -> dict:
     """`dlbase eval`: rebuild the model from the checkpoint alone, evaluate it on a split of its data, with
     per-class accuracy and the confusion matrix; report: also write confusion.png, mistakes.png and the pictures
     of the model's inside (filters.png; featuremaps.png for a CNN) there, listed in the result's report_files."""
-    from dlbase.core.data import load_dataset
     from dlbase.training.engine import resolve_device
     from dlbase.core.loss import build_eval_loss
     from dlbase.training.report import confusion, eval_report, predictions
@@ -54,13 +67,7 @@ def evaluate_checkpoint(ckpt: Path, split: str = "test", data_root: Optional[Pat
         raise DlbaseError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
     device = resolve_device("auto")
     cfg, model, payload = load_for_eval(ckpt, device)
-    # --data-root points at files that are there: never download into it
-    data_cfg = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=str(data_root), download=False)
-    from dlbase.training.checkpoint import fold_of
-    data = load_dataset(data_cfg, cfg.seed, device, fold=fold_of(payload))  # a fold's val is its held-out part
-    if tuple(payload["input_shape"]) != data.input_shape:
-        raise DlbaseError(f"{ckpt}: trained on {tuple(payload['input_shape'])} images; the data at "
-                          f"{data.folder} has {data.input_shape}")
+    data = checkpoint_data(ckpt, cfg, payload, device, data_root)
     part = data.split(split)
     result = evaluate(model, part, build_eval_loss(cfg.train.loss, cfg.model.output))
     if report is not None:

@@ -19,6 +19,7 @@ from dlbase.core.backprop import VANISHING_RATIO
 from dlbase.core.config import Config, to_dict, to_yaml
 
 Timed = Callable[[str], ContextManager]  # dlbase.training.phases.Phases, or nothing
+INIT_CKPT = "init.ckpt"  # a run's initial weights, beside best.ckpt and last.ckpt
 
 
 def _untimed(name: str) -> ContextManager:
@@ -189,6 +190,12 @@ class RunRecord:
         if self.cfg.train.tensorboard:
             from dlbase.training.tblog import open_events
             self.events = open_events(self.folder, self.cfg, step, self.log)
+
+    def keep_init(self, ckpt: checkpoint.Payload) -> None:
+        """init.ckpt: the weights a fresh run starts from, in the format of best and last (`dlbase landscape`
+        draws the line from it to them); written before the first step of a fresh run, never on a resume."""
+        if self.writes:
+            checkpoint.save(self.folder / INIT_CKPT, ckpt)
 
     def end_epoch(self, epoch: int, step: int, planned: int, metrics: dict, ckpt: Callable[[], checkpoint.Payload],
                   losses: list[tuple[int, float]], timed: Timed = _untimed) -> bool:

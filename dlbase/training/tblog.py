@@ -15,7 +15,8 @@ from dlbase.core.config import Config, to_dict
 # metrics.csv names -> TensorBoard tags, grouped as TensorBoard groups them (by the part before the slash)
 TAGS = {"train_loss": "loss/train", "train_ce": "loss/train_cross_entropy", "val_loss": "loss/val",
         "val_accuracy": "accuracy/val", "lr": "lr", "seconds": "time/epoch_seconds",
-        "train_seconds": "time/train_seconds"}
+        "train_seconds": "time/train_seconds", "hessian_top": "curvature/hessian_top",
+        "hessian_min": "curvature/hessian_min"}
 STEP_LOSS_TAG = "loss/train_steps"  # the mean training loss since the previous point, every train.log_every steps
 # The HParams tab's metric columns: every run declares all of them, so one table holds every run of a folder.
 # Their values are scalars under these tags, written when the run ends (test accuracy: when `dlbase eval` runs).

@@ -24,6 +24,7 @@ from dlbase.training.phases import Phases
 from dlbase.training.preempt import Preemption
 from dlbase.core.augment import augmenter
 from dlbase.core.backprop import layer_norms
+from dlbase.core.curvature import epoch_curvature
 from dlbase.training.state import Monitor, rng_state
 from dlbase.training.resume import nothing_to_do, restore, resume_folder
 from dlbase.training.progress import (Bar, Progress, RunResult, Snapshots, epoch_sizes, run_epoch,  # noqa: F401
@@ -142,6 +143,8 @@ class Trainer:
                 result, ended = nothing_to_do(self), True
                 return result
             run.start(p.step)
+            if self.payload is None:  # a fresh run keeps its initial weights (init.ckpt); a resume has them
+                run.keep_init(self._payload({}))
             self._announce()
             with self.phases("start-up"):
                 warmed = self.engine.prewarm()
@@ -217,11 +220,21 @@ class Trainer:
         with self.phases("validation"):
             val = evaluate(self.model, self.data.val, self.eval_loss) if self.data.val is not None else None
         lr = self.schedule(p.step - 1)
+        norms = {**layer_norms(self.model), **self._curvature()}
         metrics = runrecord.epoch_metrics(train_loss, train_ce, val, lr, time.perf_counter() - self._t0,
-                                          train_seconds, layer_norms(self.model))
+                                          train_seconds, norms)
         run.end_epoch(p.epoch, p.step, self.epochs_planned(), metrics, lambda: self._payload(metrics), losses,
                       self.phases)
         run.decide(p.epoch, metrics, p.step < self.total_steps, self._agree_stop, self.group.broadcast)
+
+    def _curvature(self) -> dict:
+        """train.hessian_every: the Hessian's extreme eigenvalues on the first train.hessian_samples training
+        samples, at this epoch's end (rank 0, which writes the metrics); {} in the other epochs."""
+        every, n = self.cfg.train.hessian_every, self.cfg.train.hessian_samples
+        if not every or self.progress.epoch % every or not self.group.main:
+            return {}
+        with self.phases("curvature"):
+            return epoch_curvature(self.model, self.data.train.x[:n].float(), self.data.train.y[:n], self.eval_loss)
 
     def _finish(self) -> RunResult:
         """The summary line, the resume or eval command, then the plots (after the result is printed)."""
