@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlbase.training.report import pyplot, save_figure
+from dlbase.training.report import pyplot, save_png
 
 
 def draw_line(r: dict, title: str, path: Path) -> None:
@@ -28,7 +28,7 @@ def draw_line(r: dict, title: str, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.suptitle(f"{title}: the straight line from the initial weights (Goodfellow et al. 2015)", fontsize=10)
     fig.tight_layout()
-    save_figure(plt, fig, path)
+    save_png(plt, fig, path)
 
 
 def draw_plane(r: dict, title: str, path: Path) -> None:
@@ -49,7 +49,7 @@ def draw_plane(r: dict, title: str, path: Path) -> None:
         ax.set_ylabel("direction 2")
     fig.colorbar(c, ax=axes[0].tolist(), label="log10 mean loss")
     fig.suptitle(f"{title}: the loss around the final weights (Li et al. 2018)", fontsize=10)
-    save_figure(plt, fig, path)
+    save_png(plt, fig, path)
 
 
 def draw_density(results: list[dict], path: Path) -> None:
@@ -78,4 +78,4 @@ def draw_density(results: list[dict], path: Path) -> None:
     ax.set_title(f"Hessian eigenvalue density, {results[0]['samples']} {results[0]['split']} images "
                  f"(stochastic Lanczos quadrature)", fontsize=10)
     fig.tight_layout()
-    save_figure(plt, fig, path)
+    save_png(plt, fig, path)

@@ -33,8 +33,6 @@ def save_png(plt, fig, path: Path) -> None:
     write_atomic(path, buf.getvalue(), "plot")
 
 
-pyplot, save_figure = _plt, _save  # for the pictures of other modules (tools/labplots.py): one way to draw
-
 
 def _epoch_ticks(ax, epochs: list[int]) -> None:
     """Whole epochs on the x axis: every epoch up to 15 of them, else matplotlib's integer ticks."""
