@@ -116,6 +116,7 @@ class Population:
         return smoothing, clip
 
     _start_sums: Optional[list] = None
+    _drawn = False  # the epoch in progress has drawn its members' orders
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> list[MemberResult]:
@@ -151,6 +152,7 @@ class Population:
                 m.epoch_rng = m.batcher.generator.get_state()  # before this epoch's draw
         self._t0 = time.perf_counter()
         perms = torch.stack([m.batcher.perm()[:self.n_used] for m in self.members])  # (K, N) each member's order
+        self._drawn = True
         self._order = self.train_idx.gather(1, perms)  # (K, N) indices into data.x; batch b: [:, b*B:(b+1)*B]
         n_steps = min(self.steps_per_epoch, p.batch + self.total_steps - p.step)
         self._seen = min(self.n_used, n_steps * self.B)
@@ -185,6 +187,7 @@ class Population:
         self._count_seconds(train_seconds)
         share = train_seconds / K  # each member's part of the epoch's steps
         p.epoch, p.batch = p.epoch + 1, 0
+        self._drawn = False
         if not self._guard(sums):
             return
         signalled = self.preempt.requested
@@ -279,7 +282,10 @@ class Population:
         """Member k's checkpoint, as a lone run of its config would write it at this position (its model must
         hold the stacked weights: to_member first)."""
         p, st = self.progress, self.stepper
-        rng = {"torch": m.torch_rng, "batcher": m.epoch_rng if p.batch else m.batcher.generator.get_state()}
+        # the order's generator before the epoch in progress drew its order (also when a stop comes before its
+        # first batch: a rerun draws that order again), or as it is between epochs
+        drawn = p.batch or self._drawn
+        rng = {"torch": m.torch_rng, "batcher": m.epoch_rng if drawn else m.batcher.generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         if m.augmenter is not None:
