@@ -78,6 +78,12 @@ def check_spec(sweep):
             raise ConfigError(f"{where}: sweep.params.{key}: PBT multiplies values; {values!r} are not all numbers")
         for v in values:  # every value a perturbation can reach lies between these, each a valid config
             sweep.config_for({key: v}, 0)
+    from dlbase.population.train import choose_k
+    from dlbase.training.engine import resolve_device
+    fits = choose_k(sweep.base, resolve_device(sweep.base.device), spec.trials)
+    if fits < spec.trials:  # one population, or PBT's members could not copy each other
+        raise ConfigError(f"{where}: sweep.trials: {spec.trials} PBT members do not fit in memory at once here (at "
+                          f"most {fits} of this shape); use fewer trials or a smaller model")
     return replace(spec, population=spec.trials)
 
 

@@ -28,8 +28,8 @@ def plot_schedules(path: Path, history: dict, keys: list[str], epochs: int, winn
                 ax.plot(*_steps(points, epochs, key), color="0.75", lw=1)
         if winner in history:
             ax.plot(*_steps(history[winner], epochs, key), color="C3", lw=2.5, label=f"winner {winner}")
-            for a, b, who in lineage:  # whose weights the winner's were over [a, b)
-                ax.axvspan(a, b, color="C0", alpha=0.06 if (a // max(1, b - a)) % 2 else 0.12)
+            for i, (a, b, who) in enumerate(lineage):  # whose weights the winner's were over [a, b)
+                ax.axvspan(a, b, color="C0", alpha=0.06 if i % 2 else 0.14)
                 ax.text((a + b) / 2, 1.0, who, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
                         fontsize=7)
         space = params[key]
