@@ -90,7 +90,7 @@ def _train_group(sweep, study, group: list, prefix: str) -> None:
     else:  # on an error: _work gives back
         results = train_population(configs, folders, folds if spec.cv_folds else None, log=lambda line: None,
                                    on_epoch=hooks, data=_data(sweep, configs[0]), after_epoch=after)
-    if isinstance(after, PBT):
+    if isinstance(after, PBT) and not any(r.status == "preempted" for r in results):  # at its end only
         after.finish(results, configs[0].train.epochs)
     seconds = round(time.perf_counter() - t0, 2)
     stopped = [r for r in results if r.status == "preempted"]
