@@ -156,6 +156,15 @@ def test_pbt_records_its_lineage_and_best_yaml_replays_the_winners_schedule(tmp_
     state = json.loads((root / "pbt.json").read_text())
     assert len(state["exploits"]) == 6 and (root / "pbt.png").stat().st_size > 1000
     assert len(rows(root / "schedules.csv")) == 4 * 4
+    # TensorBoard: each member's value at each exploit, from that epoch on (schedules.csv's)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    sched = {(x["member"], int(x["epoch"])): float(x["optim.lr"]) for x in rows(root / "schedules.csv")}
+    for t in (f"trial-{i:03d}" for i in range(4)):
+        ea = EventAccumulator(str(root / t), size_guidance={"scalars": 0})
+        ea.Reload()
+        points = [(e.step, e.value) for e in ea.Scalars("pbt/optim.lr")]
+        assert [s for s, _ in points] == [10, 20, 30]  # the exploits after epochs 1-3 (10 steps per epoch)
+        assert [v for _, v in points] == pytest.approx([sched[(t, s // 10)] for s, _ in points], rel=1e-6)
     best = load_config(root / "best.yaml")
     winner = json.loads((root / "winner.json").read_text())["winner"]["trial"]
     last = checkpoint.load(root / winner / "last.ckpt")["config"]
