@@ -67,7 +67,7 @@ def train(
         return _train_seeds(config, set_, resume, seeds, test)
     if resume is not None and resume.is_dir():
         from dlbase.core.rundir import quote
-        from dlbase.population.train import population_of, resume_population
+        from dlbase.population.resume import population_of, resume_population
         if population_of(resume) is not None:  # a --seeds member: the whole population goes on, in one step
             if config is not None:
                 raise DlbaseError(f"--resume {resume}: a population goes on with its members' own configs; "

@@ -262,6 +262,21 @@ def test_sweep_compare_tiny_runs_both_ways_and_the_workers(tiny_data, tmp_path):
     assert abs(result["population"]["best_val"] - result["rows"][0]["best_val"]) <= 0.02  # equal to 1e-5 in fp32
 
 
+def test_sweep_compare_tiny_runs_pbt_and_halving_at_the_same_budget(tiny_data, tmp_path):
+    out = tmp_path / "compare.json"
+    r = run(script("sweep_compare.py", "--ways", "random,pbt,halving", "--trials", 3, "--epochs", 2, "--seeds", 1,
+                   "--hidden", "[[8], [16]]", *TINY_SETS, "--json", out), tiny_data, tmp_path)
+    assert r.returncode == 0, said(r)
+    result = json.loads(out.read_text())
+    got = {row["way"]: row for row in result["rows"]}
+    # 6 member-epochs each: random 3 x 2, pbt 3 members x 2, halving 5 members (5, then 1 after the first rung)
+    assert {w: (row["trials"], row["epochs"]) for w, row in got.items()} == {
+        "random": (3, 6), "pbt": (3, 6), "halving": (5, 6)}
+    assert got["halving"]["pruned"] == 4 and "| pbt | 3 |" in r.stdout
+    for row in result["rows"]:
+        assert 0.0 <= row["best_val"] <= 1.0 and 0.0 <= row["test_accuracy"] <= 1.0
+
+
 def test_sweep_compare_stops_when_a_sweep_fails(tiny_data, tmp_path):
     r = run(script("sweep_compare.py", "--trials", 2, "--seeds", 1, *TINY_SETS, "--set", "train.epochs=0"),
             tiny_data, tmp_path)

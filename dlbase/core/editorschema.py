@@ -124,14 +124,14 @@ def _sweep_schema() -> dict:
             "name": {"description": "the sweep's folder under checkpoint.dir; default: the run name + _sweep",
                      "anyOf": [{"type": "string", "pattern": _anchored(name["pattern"])},
                                {"type": "integer", "minimum": 0, "maximum": 10**128 - 1}]},
-            "method": {"enum": ["grid", "random", "tpe"],
-                       "description": "grid: every combination of the lists | random: `trials` seeded draws | tpe: "
-                                      "Optuna's TPE; default: tpe when a param is a distribution, else grid"},
+            "method": {"enum": ["grid", "random", "tpe", "pbt"],
+                       "description": "grid: every combination | random: `trials` seeded draws | tpe: Optuna's TPE | "
+                                      "pbt: PBT of `trials` random draws; default: tpe for distributions, else grid"},
             "trials": _count(1, "random, tpe: how many trials", 10),
             "seed": _count(0, "random, tpe: the samplers' seed", 0),
-            "pruner": {"enum": ["none", "median", "hyperband", None],
-                       "description": "stop hopeless trials early: none | median | hyperband; default: median for "
-                                      "random and tpe, none for grid"},
+            "pruner": {"enum": ["none", "median", "hyperband", "halving", None], "description": "stop hopeless trials "
+                       "early: none | median | hyperband | halving (in a population); default: median for random, tpe"},
+            **_inside_schema(),
             "prune_after": _count(0, "median: trials that must finish before any is pruned", 3),
             "storage": {"type": ["string", "null"], "pattern": r"\S", "default": None,
                         "description": "the study's database: an Optuna storage URL (sqlite:///study.db, "
@@ -154,6 +154,22 @@ def _sweep_schema() -> dict:
                        "propertyNames": {"enum": [k for k in _dotted_keys(Config) if k not in UNSWEPT]},
                        "additionalProperties": {"anyOf": [{"type": "array", "minItems": 1, "uniqueItems": True},
                                                          distribution]}}}}
+
+
+def _inside_schema() -> dict:
+    """The sweep keys of search inside a population (search/pbt.py): PBT's and successive halving's."""
+    return {
+        "interval": _count(1, "pbt: epochs between exploits", 1),
+        "quantile": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 0.5, "default": 0.25,
+                     "description": "pbt: the bottom fraction that copies the top fraction at each exploit"},
+        "resample": {"type": ["number", "null"], "minimum": 0, "maximum": 1, "default": 0.25,
+                     "description": "pbt: probability that a copied hyperparameter is drawn anew"},
+        "perturb": {"type": ["array", "null"], "minItems": 1, "default": [1.2, 0.8],
+                    "items": {"type": "number", "exclusiveMinimum": 0, "maximum": 10**6},
+                    "description": "pbt: the factors a copied hyperparameter is multiplied by (one drawn)"},
+        "reduction": _count(2, "halving: eta; the best 1/eta of the members go on at each rung", 3),
+        "min_epochs": _count(1, "halving: the first rung (epochs); then min_epochs * eta^i", 1),
+    }
 
 
 def _count(lo: int, help: str, default: Any) -> dict:

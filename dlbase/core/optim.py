@@ -59,12 +59,22 @@ class Schedule:
                      lr / div_factor / final_div_factor at the last step. torch also cycles momentum (Adam's
                      beta1) between 0.85 and 0.95 by default; dlbase keeps momentum and betas fixed (tested
                      against OneCycleLR(cycle_momentum=False)).
+      - times the table's factor (table_epochs, table_factors) at the epoch of the step, E = s // steps_per_epoch
+        (counted from the run's start, warm-up included): the factor of the last point with epoch <= E, 1 before
+        the first. A PBT member's perturbed lr is this table on its own schedule (search/pbt.py).
     """
 
     def __init__(self, cfg: ScheduleConfig, base_lr: float, steps_per_epoch: int, total_steps: int):
         self.cfg, self.base, self.spe, self.total = cfg, base_lr, steps_per_epoch, total_steps
 
     def __call__(self, step: int) -> float:
+        c = self.cfg
+        if not c.table_epochs:
+            return self._named(step)
+        i = bisect.bisect_right(c.table_epochs, step // self.spe)
+        return self._named(step) * (c.table_factors[i - 1] if i else 1.0)
+
+    def _named(self, step: int) -> float:
         c, lr = self.cfg, self.base
         w = c.warmup_steps
         if step < w:

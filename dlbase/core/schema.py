@@ -208,6 +208,11 @@ class ScheduleConfig:
     pct_start: float = _f(0.3, "onecycle: fraction of the steps spent rising to lr", gt=0.0, lt=1.0)
     div_factor: float = _f(25.0, "onecycle: lr starts at lr / div_factor", ge=1.0, le=1e6)
     final_div_factor: float = _f(1e4, "onecycle: lr ends at lr / div_factor / final_div_factor", ge=1.0, le=1e9)
+    table_epochs: tuple = _f((), "a table of (epoch, factor) points on top of any schedule: from epoch "
+                                 "table_epochs[i] (0-based, increasing) on, lr times table_factors[i] (what a PBT "
+                                 "sweep's best.yaml replays)", item_ge=0, item_le=10**6, max_len=1000)
+    table_factors: tuple = _f((), "the table's lr factors, one per table_epochs entry", item_type=float,
+                              item_ge=1e-12, item_le=1e12, max_len=1000)
 
 
 @dataclass(frozen=True)
@@ -342,6 +347,10 @@ def cross_checks(cfg: Config) -> list[tuple[str, str]]:
     bad = []
     if list(cfg.schedule.milestones) != sorted(set(cfg.schedule.milestones)):
         bad.append(("schedule.milestones", f"{list(cfg.schedule.milestones)} must be strictly increasing"))
+    sc = cfg.schedule
+    if list(sc.table_epochs) != sorted(set(sc.table_epochs)) or len(sc.table_epochs) != len(sc.table_factors):
+        bad.append(("schedule.table_epochs", f"{list(sc.table_epochs)} must be strictly increasing epochs, one per "
+                                             f"schedule.table_factors entry ({len(sc.table_factors)} given)"))
     if cfg.schedule.name == "multistep" and not cfg.schedule.milestones:
         bad.append(("schedule.milestones", "multistep needs at least one milestone (an epoch), e.g. [5, 8]"))
     if cfg.model.output == "sigmoid" and cfg.train.loss == "cross_entropy":

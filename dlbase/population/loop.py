@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -27,6 +28,7 @@ from dlbase.core.optim import build_optimizer, build_schedule
 from dlbase.population.stacked import activation_bytes_per_member
 from dlbase.population.member import Member, MemberResult
 from dlbase.population.restore import restore_member, restore_position
+from dlbase.population.exploit import gather_members
 from dlbase.population.steppers import PopStepper, stack_members
 from dlbase.population.optim import PopOptimizer
 from dlbase.population.data import PopulationData
@@ -45,10 +47,14 @@ class Population:
                  folds: Sequence[Optional[tuple[int, int]]], data: PopulationData, device: torch.device,
                  run_plan: Plan, log: Callable[[str], None] = print,
                  on_epoch: Sequence[Optional[Callable[[int, dict], bool]]] = (), phases: Optional[Phases] = None,
-                 resumed: Sequence[tuple[Path, checkpoint.Payload]] = (), stepper: str = "auto"):
-        """resumed: each member's (checkpoint path, payload) to go on from, all at one position (train.py's
-        resume_population groups them so), instead of starting; their folders are the checkpoints' own.
-        stepper: how the members are stacked (steppers.STEPPERS)."""
+                 resumed: Sequence[tuple[Path, checkpoint.Payload]] = (), stepper: str = "auto",
+                 after_epoch: Optional[Callable[["Population"], None]] = None):
+        """resumed: each member's (checkpoint path, payload) to go on from, all at one position (resume.py's
+        resume_members groups them so), instead of starting; their folders are the checkpoints' own.
+        stepper: how the members are stacked (steppers.STEPPERS). after_epoch(pop): after every member's epoch
+        end (its files written, its decisions taken), before members leave: search inside the population
+        (search/pbt.py) exploits or prunes there, through the methods below."""
+        self.after_epoch = after_epoch
         self.configs, self.data, self.device, self.plan, self.log = list(configs), data, device, run_plan, log
         self.phases = phases or Phases()  # where the time goes, printed as train()'s one line at the end
         cfg = configs[0]
@@ -112,6 +118,7 @@ class Population:
         return smoothing, clip
 
     _start_sums: Optional[list] = None
+    _drawn = False  # the epoch in progress has drawn its members' orders
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> list[MemberResult]:
@@ -149,6 +156,7 @@ class Population:
                 m.epoch_rng = m.batcher.generator.get_state()  # before this epoch's draw
         self._t0 = time.perf_counter()
         perms = torch.stack([m.batcher.perm()[:self.n_used] for m in self.members])  # (K, N) each member's order
+        self._drawn = True
         self._order = self.train_idx.gather(1, perms)  # (K, N) indices into data.x; batch b: [:, b*B:(b+1)*B]
         n_steps = min(self.steps_per_epoch, p.batch + self.total_steps - p.step)
         self._seen = min(self.n_used, n_steps * self.B)
@@ -183,6 +191,7 @@ class Population:
         self._count_seconds(train_seconds)
         share = train_seconds / K  # each member's part of the epoch's steps
         p.epoch, p.batch = p.epoch + 1, 0
+        self._drawn = False
         if not self._guard(sums):
             return
         signalled = self.preempt.requested
@@ -197,12 +206,14 @@ class Population:
             metrics = runrecord.epoch_metrics(sums[j] / max(1, self._seen), ce_sums[j] / max(1, self._seen)
                                               if plain else None, val, lr, time.perf_counter() - self._t0, share,
                                               norms)
-            m.epochs_done, m.steps_done = p.epoch, p.step
+            m.epochs_done, m.steps_done, m.metrics = p.epoch, p.step, metrics
             start = self._start_sums[self.all.index(m)] if self._start_sums else 0.0
             losses = self.snaps.losses(snaps, j, K, start, self.B, self.n_used, end=(p.step, sums[j]))
             m.end_epoch(p.epoch, p.step, self.epochs_planned(), metrics, lambda: self._payload(m, k, metrics),
                         losses, self.phases)
             m.decide(p.epoch, metrics, p.step < self.total_steps, lambda: signalled)
+        if self.after_epoch is not None:
+            self.after_epoch(self)
         self._start_sums = None  # only the first epoch after a mid-epoch resume starts from a saved sum
         self._drop()
 
@@ -246,12 +257,51 @@ class Population:
         self.members = [self.members[k] for k in keep]
         self.stepper.augmenters = [m.augmenter for m in self.members if m.augmenter is not None]
 
+    # ------------------------------------------------------------------ search inside the population
+    def replace_members(self, dst: Sequence[Member], src: Sequence[Member]) -> None:
+        """Each dst[i] takes src[i]'s weights, optimiser state and hyperparameters (its config's optim and
+        schedule sections); it keeps its own folder, name, data order, record and monitor."""
+        place = self.members.index
+        gather_members(self.stepper, [place(m) for m in dst], [place(m) for m in src])
+        for d, s in zip(dst, src):
+            self.set_config(d, replace(d.cfg, optim=s.cfg.optim, schedule=s.cfg.schedule), gathered=True)
+
+    def set_config(self, m: Member, cfg: Config, gathered: bool = False) -> None:
+        """Member m's hyperparameters from cfg (optim, schedule; the other keys must not change): its config (what
+        its checkpoints record), its schedule and lr table row, its optimiser's (K,) values."""
+        j, k = self.all.index(m), self.members.index(m)
+        m.cfg = self.configs[j] = cfg
+        self.schedules[j] = build_schedule(cfg.schedule, cfg.optim.lr, self.steps_per_epoch, self.total_steps)
+        row = torch.tensor(self.schedules[j].table(), dtype=torch.float64, device=self.device)  # (T,)
+        self.stepper.opt.set_member(k, cfg.optim, row)
+        if not gathered and getattr(self.stepper.net, "p_drop", None) is not None:
+            self.stepper.net.p_drop[k] = cfg.model.dropout
+
+    def save_last(self, m: Member) -> None:
+        """Member m's last.ckpt at the population's position (after its weights or hyperparameters changed)."""
+        self._save(m, self.members.index(m), "last.ckpt", m.metrics or {})
+
+    def prune(self, m: Member) -> None:
+        """Member m leaves at this epoch's end as pruned (status.json, its result), as the sweep's pruner does."""
+        m.say(runrecord.pruned_line(self.progress.epoch))
+        m.status = "pruned"
+
+    def scalars(self, m: Member, values: dict) -> None:
+        """Scalars in member m's TensorBoard events at the population's step (its hyperparameters, say)."""
+        if m.events is not None:
+            for tag, v in values.items():
+                m.events.writer.add_scalar(tag, v, self.progress.step)
+            m.events.writer.flush()
+
     # ------------------------------------------------------------------ files
     def _payload(self, m: Member, k: int, metrics: dict) -> checkpoint.Payload:
         """Member k's checkpoint, as a lone run of its config would write it at this position (its model must
         hold the stacked weights: to_member first)."""
         p, st = self.progress, self.stepper
-        rng = {"torch": m.torch_rng, "batcher": m.epoch_rng if p.batch else m.batcher.generator.get_state()}
+        # the order's generator before the epoch in progress drew its order (also when a stop comes before its
+        # first batch: a rerun draws that order again), or as it is between epochs
+        drawn = p.batch or self._drawn
+        rng = {"torch": m.torch_rng, "batcher": m.epoch_rng if drawn else m.batcher.generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         if m.augmenter is not None:

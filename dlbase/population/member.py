@@ -35,3 +35,4 @@ class Member(RunRecord):
     fold: Optional[tuple[int, int]] = None  # (k, K): its cross-validation fold, recorded in its checkpoints
     train_seconds: float = 0.0  # its share of the population's training steps (their time / members in them)
     augmenter: Optional[Augmenter] = None  # train.augment with its own generator, as its lone run's (None: off)
+    metrics: Optional[dict] = None  # its last epoch end's metrics (numbers): what search in a population ranks

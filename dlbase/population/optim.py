@@ -135,6 +135,21 @@ class PopOptimizer:
         self.state = {key: [s.index_select(0, idx) for s in states] for key, states in self.state.items()}
 
     @torch.no_grad()
+    def gather(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Members dst take members src's state, hyperparameters and lr table rows ((n,) long each): a gather
+        along the stacked axis, in place on the device (population/exploit.py)."""
+        for t in (*(s for states in self.state.values() for s in states), *self.hp.values(), self.lr_table):
+            t.index_copy_(0, dst, t.index_select(0, src))
+
+    @torch.no_grad()
+    def set_member(self, k: int, cfg: OptimConfig, lr_row: torch.Tensor) -> None:
+        """Member k's hyperparameters from cfg, and its lr at every step (lr_row (T,) float64): set mid-run."""
+        for n, v in self.hp.items():
+            v[k] = _hyper([cfg], n, v.device)[0]
+        self.lr_table[k].copy_(lr_row)
+        self.any_wd = self.any_wd or cfg.weight_decay != 0  # host-known: the config, not a tensor
+
+    @torch.no_grad()
     def restart_at(self, step: int) -> None:
         """Go on from a checkpoint taken after `step` steps: the step count and the lr table's index."""
         self.t.fill_(step)

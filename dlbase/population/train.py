@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from dlbase.core.config import Config, to_dict
-from dlbase.core.errors import CheckpointError, ConfigError, TrainingDiverged
+from dlbase.core.errors import ConfigError, TrainingDiverged
 from dlbase.core.schema import OPTIM_INFO
 from dlbase.population.stacked import activation_bytes_per_member, state_bytes_per_member
 from dlbase.population.data import PopulationData, load_population_data  # noqa: F401 - the entry points' names
@@ -124,14 +124,16 @@ def train_population(configs: Sequence[Config], folders: Optional[Sequence[Optio
                      folds: Optional[Sequence[Optional[tuple[int, int]]]] = None, log: Callable[[str], None] = print,
                      on_epoch: Optional[Sequence[Optional[Callable[[int, dict], bool]]]] = None,
                      max_members: Optional[int] = None, data: Optional[PopulationData] = None,
-                     record: Optional[dict] = None, stepper: str = "auto") -> list[MemberResult]:
+                     record: Optional[dict] = None, stepper: str = "auto",
+                     after_epoch: Optional[Callable] = None) -> list[MemberResult]:
     """Train configs of one shape (same_shape) as populations of at most choose_k members (or max_members), in
     order; returns one result per config, in the configs' order. folders: each member's run folder (None: a new
     <checkpoint.dir>/<name>[-N]); folds: each member's (fold, folds) of k-fold cross-validation (None: its
     data.val_size split); on_epoch: per member, as train()'s: (epoch, metrics) -> True to prune it; data: the
     dataset already on the device (load_population_data), shared by several calls; record: what
     `dlbase train --resume` needs to go on with the whole population (train_seeds' {"test": ...}), written into
-    each member's folder as population.json; stepper: how members are stacked (steppers.STEPPERS)."""
+    each member's folder as population.json; stepper: how members are stacked (steppers.STEPPERS); after_epoch:
+    Population's (search inside the population, search/pbt.py)."""
     from dlbase.training.engine import plan_run, resolve_device
     from dlbase.training.phases import Phases
     check_population(configs, folds, folders)
@@ -153,7 +155,7 @@ def train_population(configs: Sequence[Config], folders: Optional[Sequence[Optio
         with phases("set-up"):
             pop = Population([configs[i] for i in idx], [pick(folders, i) for i in idx],
                              [pick(folds, i) for i in idx], data, device, run_plan, log,
-                             [pick(on_epoch, i) for i in idx], phases, stepper=stepper)
+                             [pick(on_epoch, i) for i in idx], phases, stepper=stepper, after_epoch=after_epoch)
         if record is not None:
             write_record([m.folder for m in pop.all], record)
         results += pop.fit()
@@ -279,86 +281,3 @@ def write_record(folders: Sequence[Path], record: dict) -> None:
     names = [f.name if len(parents) == 1 else str(f) for f in folders]
     for f in folders:
         write_atomic(f / POPULATION_FILE, json.dumps({"members": names, **record}), POPULATION_FILE)
-
-
-def population_of(folder: Path) -> Optional[list[Path]]:
-    """The member folders of the population folder trained in (its population.json), or None when it trained
-    alone or the record is unreadable (then it resumes alone, as any run)."""
-    import json
-    try:
-        record = json.loads((folder / POPULATION_FILE).read_text())
-        members = [folder.parent / m if "/" not in m else Path(m) for m in record["members"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return members if len(members) > 1 and all(isinstance(m, Path) for m in members) else None
-
-
-def resume_population(folder: Path, sets: Sequence[str] = (), log: Callable[[str], None] = print) -> SeedSummary:
-    """`dlbase train --resume <member folder>` of a --seeds population: every member goes on from its newest
-    checkpoint, those at one position together as one population (a signal saves them all at one step), the
-    ones already done (finished, early-stopped, diverged) as they are; then the seeds' summary."""
-    import json
-    from dlbase.training.checkpoint import fold_of, newest
-    from dlbase.training.engine import plan_run, resolve_device
-    from dlbase.training.state import stored_config
-    members = population_of(folder)
-    record = json.loads((folder / POPULATION_FILE).read_text())
-    todo, results = [], {}
-    gone = [f for f in members if not f.is_dir()]
-    if gone:  # deleted on purpose, say: the others go on
-        log(f"not found, so not resumed: {', '.join(str(f) for f in gone)}")
-        members = [f for f in members if f.is_dir()]
-    for f in members:
-        try:
-            ckpt, payload = newest(f)
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}; the population goes on only with every member's checkpoint: resume the "
-                                  f"others one by one (dlbase train --resume <folder>/last.ckpt), or delete "
-                                  f"{f} to go on without it") from None
-        cfg = stored_config(payload, ckpt, sets)
-        spe = payload["steps_per_epoch"]
-        total = cfg.train.max_steps or cfg.train.epochs * spe
-        status = _status(f)
-        if payload["step"] >= total or status in ("early_stopped", "pruned", "diverged"):
-            results[f] = _done_result(f, payload, status or "finished")
-        else:
-            todo.append((f, ckpt, payload, cfg))
-    log(f"resuming the population of {len(members)} members in {members[0].parent}: {len(todo)} to go on, "
-        f"{len(results)} already done")
-    groups: dict = {}
-    for item in todo:
-        f, ckpt, payload, cfg = item
-        position = (payload["epoch"], payload["step"], (payload.get("in_epoch") or {}).get("batch", 0))
-        key = next((k for k in groups if k[0] == position and not same_shape(groups[k][0][3], cfg)), None)
-        groups.setdefault(key or (position, len(groups)), []).append(item)
-    for (position, _), group in groups.items():
-        configs = [cfg for _, _, _, cfg in group]
-        device = resolve_device(configs[0].device)
-        run_plan = plan_run(configs[0], device)
-        data = load_population_data(configs[0], device, run_plan.data_dtype)
-        log(f"population: {len(group)} members at epoch {position[0]}, step {position[1]}: going on")
-        pop = Population(configs, [f for f, _, _, _ in group], [fold_of(p) for _, _, p, _ in group], data, device,
-                         run_plan, log, resumed=[(ckpt, p) for _, ckpt, p, _ in group])
-        for (f, _, _, _), r in zip(group, pop.fit()):
-            results[f] = r
-        if any(r.status == "preempted" for r in results.values()):
-            break
-    ordered = [results[f] for f in members if f in results]
-    return summarise(ordered, bool(record.get("test")), log)
-
-
-def _status(folder: Path) -> Optional[str]:
-    import json
-    try:
-        return json.loads((folder / "status.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _done_result(folder: Path, payload, status: str) -> MemberResult:
-    """A member that needs no more training, as its files tell it."""
-    from dlbase.core.rundir import read_metrics
-    best = payload["best"]
-    rows = read_metrics(folder / "metrics.csv", payload["epoch"])
-    return MemberResult(folder, payload["epoch"], best["metric"], best["value"], best["epoch"],
-                        rows[-1] if rows else {}, 0.0, status, 0)

@@ -89,6 +89,8 @@ def check_trials(sweep, study) -> None:
 def refuse_if_changed(sweep, path: Path, stored: Optional[dict], cfg: Config, redo: Path) -> None:
     """A result or checkpoint is reused only if its whole resolved config is the one cfg resolves to now."""
     changes = changed_keys(stored, to_dict(cfg)) if isinstance(stored, dict) else ["no config stored with it"]
+    from dlbase.search.pbt import drifting
+    changes = [c for c in changes if c.partition(":")[0] not in drifting(sweep.spec)]  # PBT moved them itself
     if changes:
         shown = _shown(changes)
         raise ConfigError(f"{path}: {cfg.name} was trained with another config than {sweep.source} gives it now "

@@ -22,6 +22,8 @@ from dlbase.core.errors import ConfigError, SweepStopped
 
 def population_size(spec, cfg) -> int:
     """How many trials a worker takes at once: spec.population, or for auto as many as fit in memory."""
+    if spec.method == "pbt":  # every trial a member of one population (pbt.check_spec)
+        return spec.trials
     if spec.population != "auto":
         return int(spec.population)
     from dlbase.training.engine import resolve_device
@@ -50,7 +52,8 @@ def run_population(sweep, study, trials: list, prefix: str) -> None:
                         TrialState.FAIL, prefix)
             continue
         started = any((run / "last.ckpt").exists() for run in _runs(sweep, cfg))
-        (alone if started else ready).append((trial, values, cfg))
+        together = spec.method == "pbt" or spec.pruner == "halving"  # searched inside: never resumed alone
+        (alone if started and not together else ready).append((trial, values, cfg))
     for trial, values, cfg in alone:  # a retry with a checkpoint: resumed alone, exactly where it stopped
         sweep.run_trial(study, trial, prefix, values=values, cfg=cfg)
     for group in group_by_shape([cfg for _, _, cfg in ready]):
@@ -64,7 +67,9 @@ def _runs(sweep, cfg) -> list:
 
 def _train_group(sweep, study, group: list, prefix: str) -> None:
     """One population: every fold of every trial in the group a member; then each trial told its result."""
+    from dlbase.population.resume import resume_members
     from dlbase.population.train import train_population
+    from dlbase.search.pbt import PBT, check_together, controller
 
     spec = sweep.spec
     configs, folders, folds, hooks, owner = [], [], [], [], []
@@ -73,11 +78,20 @@ def _train_group(sweep, study, group: list, prefix: str) -> None:
             configs.append(replace(cfg, checkpoint=replace(cfg.checkpoint, dir=str(run.parent)), name=run.name))
             folders.append(run)
             folds.append((f, sweep.folds) if spec.cv_folds else None)
-            hooks.append(_reporter(trial, spec) if spec.pruner != "none" and not spec.cv_folds else None)
+            hooks.append(_reporter(trial, spec) if spec.pruner not in ("none", "halving") and not spec.cv_folds
+                         else None)
             owner.append(t)
     t0 = time.perf_counter()
-    results = train_population(configs, folders, folds if spec.cv_folds else None, log=lambda line: None,
-                               on_epoch=hooks, data=_data(sweep, configs[0]))  # on an error: _work gives back
+    resumed = check_together(folders, spec) if spec.method == "pbt" or spec.pruner == "halving" else False
+    after = controller(sweep, [c.name for c in configs], resumed)
+    if resumed:  # a population searched inside goes on together, from every member's checkpoint
+        done = resume_members(folders, log=lambda line: None, after_epoch=after, data=_data(sweep, configs[0]))
+        results = [done[f] for f in folders]
+    else:  # on an error: _work gives back
+        results = train_population(configs, folders, folds if spec.cv_folds else None, log=lambda line: None,
+                                   on_epoch=hooks, data=_data(sweep, configs[0]), after_epoch=after)
+    if isinstance(after, PBT) and not any(r.status == "preempted" for r in results):  # at its end only
+        after.finish(results, configs[0].train.epochs)
     seconds = round(time.perf_counter() - t0, 2)
     stopped = [r for r in results if r.status == "preempted"]
     if stopped or len(results) < len(configs):  # every member saved: each trial's retry goes on from its files

@@ -68,6 +68,9 @@ def measure_winner(sweep, study, winner: dict, ranked: list[dict]) -> dict:
     spec, root = sweep.spec, sweep.root
     slot = int(winner["trial"].split("-", 1)[1])
     win_cfg = sweep.config_for({k: winner[k] for k in spec.params}, slot)
+    if spec.method == "pbt" and (root / winner["trial"] / "last.ckpt").exists():  # its schedule, as it trained
+        from dlbase.search.pbt import replay_config
+        win_cfg = replay_config(sweep, winner["trial"])
     final_cfg, epochs_note = _final_config(sweep, win_cfg) if spec.cv_folds else (win_cfg, "")
     best_cfg = replace(final_cfg, name=f"{spec.name[:123]}_best",
                        checkpoint=replace(final_cfg.checkpoint, dir=sweep.base.checkpoint.dir))

@@ -8,8 +8,8 @@ from typing import Any
 
 from dlbase.core.errors import DlbaseError
 
-METHODS = ("grid", "random", "tpe")
-PRUNERS = ("none", "median", "hyperband")
+METHODS = ("grid", "random", "tpe", "pbt")  # pbt: random draws that then train as one population (search/pbt.py)
+PRUNERS = ("none", "median", "hyperband", "halving")  # halving: successive halving inside a population (pbt.py)
 
 
 def optuna_module():
@@ -65,7 +65,7 @@ def slots(spec) -> list[dict]:
     keys = list(spec.params)
     if spec.method == "grid":
         return [dict(zip(keys, (encode(v) for v in combo))) for combo in itertools.product(*spec.params.values())]
-    n_random = spec.trials if spec.method == "random" else tpe_startup(spec.trials)
+    n_random = spec.trials if spec.method in ("random", "pbt") else tpe_startup(spec.trials)
     optuna = optuna_module()
     draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.seed))  # in memory
     dists = distributions(spec.params)

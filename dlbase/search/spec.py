@@ -19,7 +19,8 @@ from dlbase.core.rundir import cell
 
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
 SWEEP_KEYS = ("name", "method", "trials", "seed", "params", "metric", "mode", "cv_folds", "pruner", "prune_after",
-              "storage", "heartbeat", "retries", "population")
+              "storage", "heartbeat", "retries", "population", "interval", "quantile", "perturb", "resample",
+              "reduction", "min_epochs")
 MAX_TRIALS = 10_000  # a sweep's trials at most: more would take minutes and gigabytes just to enqueue
 NAME_RULE = {f.name: f.metadata for f in dataclasses.fields(Config)}["name"]  # a sweep is named like a run
 
@@ -41,6 +42,12 @@ class SweepSpec:
     heartbeat: int = 30  # seconds between a running trial's beats; 3 missed beats and it is retried elsewhere
     retries: int = 3  # how often a trial whose worker died (or was stopped) is retried
     population: Any = 1  # trials a worker trains at once as one population (dlbase/population/train.py): K or auto
+    interval: int = 1  # pbt: epochs between exploits
+    quantile: float = 0.25  # pbt: the bottom (and top) fraction of the members at each exploit
+    perturb: tuple = (1.2, 0.8)  # pbt: the factors a copied hyperparameter is multiplied by (one drawn)
+    resample: float = 0.25  # pbt: the probability that a copied hyperparameter is drawn anew from its distribution
+    reduction: int = 3  # halving: eta, 1/eta of the members go on at each rung
+    min_epochs: int = 1  # halving: the first rung (epochs); then min_epochs * eta^i
 
 
 def _fail(source: str, key: str, msg: str) -> ConfigError:
@@ -60,6 +67,7 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
                                             "e.g. optim.lr: [0.1, 0.01]")
     method, metric, mode, pruner = _how(raw, source, params)
     ints = _ints(raw, source, method)
+    reals = _reals(raw, source)
     population = raw.get("population", 1)
     bad = population_error(population)
     if bad:
@@ -83,7 +91,8 @@ def parse_spec(raw: Any, source: str, default_name: str) -> SweepSpec:
     return SweepSpec(name=name, method=method, trials=ints["trials"], seed=ints["seed"], params=params,
                      metric=metric, mode=mode, cv_folds=ints["cv_folds"], pruner=pruner,
                      prune_after=ints["prune_after"], storage=storage, heartbeat=ints["heartbeat"],
-                     retries=ints["retries"], population=population)
+                     retries=ints["retries"], population=population, interval=ints["interval"],
+                     reduction=ints["reduction"], min_epochs=ints["min_epochs"], **reals)
 
 
 def _how(raw: dict, source: str, params: dict) -> tuple[str, str, str, str]:
@@ -99,7 +108,7 @@ def _how(raw: dict, source: str, params: dict) -> tuple[str, str, str, str]:
     mode = raw.get("mode", "max" if metric == "val_accuracy" else "min")
     if mode not in ("max", "min"):
         raise _fail(source, "sweep.mode", f"{mode!r} is not one of max, min")
-    pruner = raw.get("pruner", "none" if method == "grid" else "median")
+    pruner = raw.get("pruner", "none" if method in ("grid", "pbt") else "median")
     pruner = "none" if pruner is None else pruner
     if pruner not in PRUNERS:
         raise _fail(source, "sweep.pruner", f"{pruner!r} is not one of {', '.join(PRUNERS)}")
@@ -110,7 +119,8 @@ def _ints(raw: dict, source: str, method: str) -> dict[str, Optional[int]]:
     """The spec's integer keys, each checked against its lower bound (and trials against MAX_TRIALS)."""
     ints = {}
     for key, lo, default in (("trials", 1, 10), ("seed", 0, 0), ("cv_folds", 2, None), ("prune_after", 0, 3),
-                             ("heartbeat", 1, 30), ("retries", 0, 3)):
+                             ("heartbeat", 1, 30), ("retries", 0, 3), ("interval", 1, 1), ("reduction", 2, 3),
+                             ("min_epochs", 1, 1)):
         v = raw.get(key)
         v = default if v is None else v  # null is the default, as the JSON Schema has it (cv_folds: none)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo or v > 10**6):
@@ -119,6 +129,26 @@ def _ints(raw: dict, source: str, method: str) -> dict[str, Optional[int]]:
             raise _fail(source, "sweep.trials", f"{v:,} trials: at most {MAX_TRIALS:,} per sweep")
         ints[key] = v
     return ints
+
+
+def _reals(raw: dict, source: str) -> dict:
+    """pbt's quantile, resample probability and perturbation factors, each checked against its range."""
+    out = {}
+    for key, lo, hi, default in (("quantile", 0.0, 0.5, 0.25), ("resample", 0.0, 1.0, 0.25)):
+        v = raw.get(key)
+        v = default if v is None else v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi) or (key == "quantile"
+                                                                                            and v == 0):
+            raise _fail(source, f"sweep.{key}", f"{v!r} is not a number in {'(' if key == 'quantile' else '['}"
+                                                f"{lo}, {hi}]")
+        out[key] = float(v)
+    v = raw.get("perturb")
+    v = [1.2, 0.8] if v is None else v
+    if not isinstance(v, list) or not v or not all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1e6 for f in v):
+        raise _fail(source, "sweep.perturb", f"{v!r} is not a non-empty list of factors > 0 (e.g. [1.2, 0.8])")
+    out["perturb"] = tuple(float(f) for f in v)
+    return out
 
 
 def _check_param(source: str, key: str, space: Any, method: str) -> None:

@@ -50,6 +50,8 @@ class Sweep:
                               f"validate and it is not used, but every trial's config must be valid on its own)")
         self.root = Path(self.base.checkpoint.dir).expanduser() / spec.name
         self.folds = spec.cv_folds or 1
+        from dlbase.search.pbt import check_spec
+        self.spec = spec = check_spec(self)  # pbt's and halving's rules; pbt: every trial one member
         self.configs = self._check_space()  # before any trial runs
         if spec.cv_folds and any(c.data.subset is not None and c.data.subset < spec.cv_folds for c in self.configs):
             raise ConfigError(f"{source}: data.subset is smaller than sweep.cv_folds")
@@ -92,7 +94,9 @@ class Sweep:
         does not count, so several machines can name it differently. The base config and --set are recorded
         apart, resolved (base_record), so a change names its keys."""
         how = ("storage", "heartbeat", "retries", "population")  # how it runs, not what it finds
-        spec = {k: v for k, v in self.spec.__dict__.items() if k not in how}
+        from dlbase.search.pbt import unused_keys
+        skip = (*how, *unused_keys(self.spec))  # pbt's and halving's keys only where they are used: older sweeps
+        spec = {k: list(v) if isinstance(v, tuple) else v for k, v in self.spec.__dict__.items() if k not in skip}
         return yaml.safe_load(yaml.safe_dump(spec))
 
     def base_record(self) -> dict:
