@@ -4,7 +4,7 @@ and from the default recipe's run docs/landscape.png, docs/landscape_line.png (d
 docs/hessian.png (dlbase hessian --density, at init.ckpt and best.ckpt).
 
     python scripts/pictures.py            # about eight minutes on a 2-core CPU
-    python scripts/pictures.py --out /tmp/pics --set data.subset=300 --set train.epochs=1 --lab-samples 50  # quick
+    python scripts/pictures.py --out /tmp/pics --set data.subset=300 --set train.epochs=1 --lab-samples 50 --lab-probes 2  # quick
 """
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def main() -> None:
                     help="override for every run (after the script's own, so it wins)")
     ap.add_argument("--lab-samples", type=int, default=None, help="images for dlbase landscape (default 10000) and "
                     "dlbase hessian (default 1000)")
+    ap.add_argument("--lab-probes", type=int, default=50, help="dlbase hessian's random vectors for the trace and "
+                    "the density (a quick check: a few)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,7 +49,7 @@ def main() -> None:
         _, model, payload = load_for_eval(run.folder / "best.ckpt", torch.device("cpu"))
         test = load_dataset(cfg.data, cfg.seed, torch.device("cpu")).test
         eval_report(model, test.x, test.y, (28, 28), out, f"mnist_mlp, test split, epoch {payload['epoch']}")
-        lab_pictures(run.folder, out, Path(tmp) / "lab", args.lab_samples)
+        lab_pictures(run.folder, out, Path(tmp) / "lab", args.lab_samples, args.lab_probes)
         for act in ("sigmoid", "relu"):
             cfg = load_config(REPO / "configs" / "mnist_deep_sigmoid.yaml",
                               [f"checkpoint.dir={tmp}", f"model.activation={act}", f"name=deep_{act}",
@@ -57,13 +59,13 @@ def main() -> None:
     print("wrote", ", ".join(sorted(p.name for p in out.glob("*.png"))))
 
 
-def lab_pictures(folder: Path, out: Path, tmp: Path, samples) -> None:
+def lab_pictures(folder: Path, out: Path, tmp: Path, samples, probes: int) -> None:
     """The default run's loss landscape (the slice as landscape.png, the line) and Hessian density."""
     r = landscape(folder, samples=samples or 10000, out=tmp, device="cpu")
     print("\n".join(summary(r)))
     shutil.copy(tmp / "landscape_2d.png", out / "landscape.png")
     shutil.copy(tmp / "landscape_line.png", out / "landscape_line.png")
-    for h in hessian(folder, samples=samples or 1000, density=True, out=tmp, device="cpu"):
+    for h in hessian(folder, samples=samples or 1000, probes=probes, density=True, out=tmp, device="cpu"):
         print(describe(h))
     shutil.copy(tmp / "hessian.png", out / "hessian.png")
 

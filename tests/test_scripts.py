@@ -198,7 +198,8 @@ def test_results_stamps_only_the_recipes_as_written(tiny_data, tmp_path):
 def test_pictures_tiny_writes_pngs_that_open(tiny_data, tmp_path):
     from PIL import Image
     out = tmp_path / "pics"
-    r = run(script("pictures.py", "--out", out, "--lab-samples", "40", *TINY_SETS), tiny_data, tmp_path)
+    r = run(script("pictures.py", "--out", out, "--lab-samples", "40", "--lab-probes", "2", *TINY_SETS), tiny_data,
+            tmp_path)
     assert r.returncode == 0, said(r)
     names = {"curves.png", "confusion.png", "mistakes.png", "filters.png", "gradnorms_deep_sigmoid.png",
              "gradnorms_deep_relu.png", "landscape.png", "landscape_line.png", "hessian.png"}

@@ -295,10 +295,9 @@ class TrainConfig:
     compile: str = _f("auto", "auto (graph on CUDA, none on CPU) | none (eager) | graph (each step one CUDA "
                               "graph) | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs "
                               "(torch.compile modes)", choices=COMPILES, aliases=("mode", "torch_compile", "graph"))
-    memory_format: str = _f("auto", "a CNN's convolution weights and maps: auto (channels_last on CUDA, contiguous "
-                                    "on the CPU) | contiguous (NCHW) | channels_last (NHWC, what cuDNN's fast "
-                                    "kernels take); an MLP has no maps and ignores it", choices=MEMORY_FORMATS,
-                            aliases=("channels_last", "layout"))
+    memory_format: str = _f("auto", "a CNN's convolution weights and maps: auto (channels_last on CUDA, contiguous on "
+                            "the CPU) | contiguous (NCHW) | channels_last (NHWC, what cuDNN's fast kernels take); an "
+                            "MLP has no maps and ignores it", choices=MEMORY_FORMATS, aliases=("channels_last", "layout"))
     tensorboard: bool = _f(True, "write TensorBoard event files into the run folder (when the tensorboard package is "
                                  "installed): per-epoch metrics, the training loss every log_every steps, hparams",
                            aliases=("tb", "events", "tensorboard_logging"))
