@@ -205,3 +205,21 @@ def test_the_spectrum_on_cuda_equals_the_cpus():
     assert extreme_eigenvalues(gpu, 2, "LA", tol=1e-12)[0] == pytest.approx(
         torch.linalg.eigvalsh(exact).flip(0)[:2].tolist(), abs=1e-6)
     assert math.isfinite(hutchinson_trace(gpu, 10).mean)
+
+
+def test_without_scipy_hessian_every_and_dlbase_hessian_say_so_in_one_line(monkeypatch):
+    """Where scipy is missing (the device machines have none), train.hessian_every is refused before anything runs
+    and the Lanczos says what to install, instead of an ImportError's traceback."""
+    import importlib.util
+
+    from dlbase.core import curvature
+    from dlbase.core.config import load_config
+    from dlbase.core.errors import ConfigError, DlbaseError
+    from dlbase.training.engine import plan_run
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"train.hessian_every: 2 needs scipy .* pip install scipy, or use 0"):
+        plan_run(load_config(None, ["train.hessian_every=2"]), torch.device("cpu"))
+    plan_run(load_config(None), torch.device("cpu"))  # off: nothing asked of scipy
+    with pytest.raises(DlbaseError, match="need scipy"):
+        curvature.require_scipy()

@@ -6,6 +6,7 @@ population/loop.py). Never draws from torch's global generator: a run that measu
 one that does not."""
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -13,6 +14,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from torch import nn
+
+from dlbase.core.errors import DlbaseError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> the batch's mean loss
 CHUNK = 2048  # samples per forward inside one Hessian-vector product: bounds the activations' memory
@@ -85,10 +88,18 @@ class HessianOperator:
         return LinearOperator((self.n, self.n), matvec=matvec, dtype=np.float64)
 
 
+def require_scipy() -> None:
+    """One line, not an ImportError's traceback, where scipy (the Lanczos of every eigenvalue here) is missing."""
+    if importlib.util.find_spec("scipy") is None:
+        raise DlbaseError("dlbase hessian and train.hessian_every need scipy (scipy.sparse.linalg.eigsh), which is "
+                          "not installed here: pip install scipy")
+
+
 def extreme_eigenvalues(op: HessianOperator, k: int, which: str, tol: float = 1e-6, maxiter: Optional[int] = None,
                         seed: int = 0) -> tuple[list[float], bool]:
     """The k algebraically largest (which="LA") or smallest ("SA") eigenvalues, largest first, by ARPACK's
     implicitly restarted Lanczos; converged False when maxiter ran out (the Ritz values reached are returned)."""
+    require_scipy()
     from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
     k = min(k, op.n - 1)

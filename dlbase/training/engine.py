@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -71,6 +72,9 @@ def reasons(cfg: Config, device: torch.device, world: int = 1) -> list[tuple[str
     if mode == "graph" and device.type != "cuda":
         bad.append(("train.compile", f"graph captures CUDA graphs; the device is {device} (use none, or a "
                                      f"torch.compile mode)"))
+    if cfg.train.hessian_every and importlib.util.find_spec("scipy") is None:
+        bad.append(("train.hessian_every", f"{cfg.train.hessian_every} needs scipy (its Lanczos), which is not "
+                                           f"installed here: pip install scipy, or use 0"))
     if world > 1:
         t = cfg.train
         if t.batch_size % world:
