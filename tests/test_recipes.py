@@ -91,7 +91,9 @@ def test_measured_lines_agree_with_the_results_table():
 def test_stamping_replaces_or_inserts_the_measured_line_and_nothing_else():
     line = recipes.measured_line(0.98765, "seed 0; somewhere; 2030-01-01")
     assert line == "# measured: 98.77% test accuracy (seed 0; somewhere; 2030-01-01)"
-    unmeasured = (REPO / "configs" / "mnist_cnn.yaml").read_text()
+    measured = (REPO / "configs" / "mnist_cnn.yaml").read_text().splitlines(keepends=True)
+    unmeasured = "".join(row for row in measured if not row.startswith("# measured:"))  # as it was before its run
+    assert unmeasured.count("\n") == len(measured) - 1
     stamped = recipes.stamp_measured(unmeasured, line)
     assert stamped.splitlines()[2] == line
     assert stamped.replace(line + "\n", "", 1) == unmeasured
